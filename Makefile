@@ -1,0 +1,43 @@
+# `make demo` and `make test` each create .venv and install what they need first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOOKS := $(wildcard hooks/*/pyproject.toml)
+
+.PHONY: demo test lint types unit bench install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.demo-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e '.[demo]'
+	touch $@
+
+$(VENV)/.test-installed: $(BIN)/python pyproject.toml $(HOOKS)
+	$(BIN)/pip install --quiet -e '.[test]' $(foreach h,$(HOOKS),-e ./$(dir $(h)))
+	touch $@
+
+install: $(VENV)/.demo-installed
+install-test: $(VENV)/.test-installed
+
+demo: install
+	$(BIN)/connhex-edge-ota demo
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: install-test
+	$(BIN)/mypy
+
+unit: install-test
+	$(BIN)/pytest
+
+test: lint types unit
+
+bench: install-test
+	$(BIN)/python bench/download.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

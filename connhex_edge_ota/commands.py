@@ -1,0 +1,49 @@
+"""NATS commands ``commands.ota.<verb>``: request/reply with a JSON answer.
+
+Every reply is ``{"ok": bool, "error": str, "status": {<the five payload keys>}}``.
+``status`` answers at once. ``check``, ``download`` and ``install`` queue the
+step and answer when it is done, or after ``REPLY_WITHIN`` seconds with
+``"accepted": true`` while it goes on (its progress follows on
+``heartbeat.ota.service``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from connhex_edge_ota.bus import Bus, Handler
+from connhex_edge_ota.service import OtaService
+
+COMMAND_PREFIX = "commands.ota."
+VERBS = ("check", "download", "install", "status")
+REPLY_WITHIN = 1.5
+
+
+def subject(verb: str) -> str:
+    return COMMAND_PREFIX + verb
+
+
+def _reply(service: OtaService, ok: bool, error: str = "", **extra: object) -> bytes:
+    body = {"ok": ok, "error": error, **extra, "status": service.status().payload()}
+    return json.dumps(body).encode()
+
+
+async def serve(bus: Bus, service: OtaService) -> None:
+    """Answer the four command subjects on ``bus`` for ``service``."""
+    for verb in VERBS:
+        await bus.serve(subject(verb), _handler(service, verb))
+
+
+def _handler(service: OtaService, verb: str) -> Handler:
+    async def handle(_request: bytes) -> bytes:
+        if verb == "status":
+            return _reply(service, True)
+        job = service.submit(verb)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(job.done), REPLY_WITHIN)
+        except TimeoutError:
+            return _reply(service, True, accepted=True)
+        return _reply(service, result.ok, result.error)
+
+    return handle

@@ -1,0 +1,86 @@
+"""Build, sign and check release files (``pack``, ``verify``), as the installer will see them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+import zipfile
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from connhex_edge_ota.archive import (
+    MANIFEST,
+    SIGNATURE,
+    UPDATE_SCRIPT,
+    ArchiveError,
+    Limits,
+    check_archive,
+    unpack,
+)
+from connhex_edge_ota.signing import (
+    load_private_key,
+    manifest_bytes,
+    sign,
+    verified_manifest,
+)
+
+
+def pack(source: Path, out: Path, key: Path | None = None) -> Path:
+    """Zip the folder ``source`` into ``out`` (signed with ``key`` when given) and check it."""
+    files = _collect(source)
+    if UPDATE_SCRIPT not in files:
+        raise ArchiveError(f"{source}: no {UPDATE_SCRIPT} at the root")
+    tmp = out.with_name(f".{out.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, path in sorted(files.items()):
+            archive.write(path, name)
+        if key is not None:
+            private = load_private_key(key)
+            manifest = manifest_bytes({name: _size_and_hash(p) for name, p in files.items()})
+            archive.writestr(MANIFEST, manifest)
+            archive.writestr(SIGNATURE, sign(private, manifest))
+    public = load_private_key(key).public_key() if key is not None else None
+    check_release(tmp, public)
+    tmp.replace(out)
+    return out
+
+
+def check_release(
+    path: Path, public_key: Ed25519PublicKey | None, limits: Limits | None = None
+) -> None:
+    """Check ``path`` exactly as the installer would, unpacking it into a scratch folder."""
+    members = check_archive(path, limits or Limits())
+    expected = verified_manifest(path, public_key) if public_key is not None else None
+    with tempfile.TemporaryDirectory(prefix="connhex-ota-verify-") as scratch:
+        unpack(path, members, Path(scratch) / "current", expected)
+
+
+def _collect(source: Path) -> dict[str, Path]:
+    if not source.is_dir():
+        raise ArchiveError(f"{source}: not a folder")
+    files: dict[str, Path] = {}
+    for folder, dirs, names in os.walk(source):
+        dirs.sort()
+        for name in names:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            relative = path.relative_to(source).as_posix()
+            if not stat.S_ISREG(mode):
+                raise ArchiveError(f"{relative}: only regular files go into a release")
+            if relative in (MANIFEST, SIGNATURE):
+                raise ArchiveError(f"{relative}: reserved name, written by pack")
+            files[relative] = path
+    return files
+
+
+def _size_and_hash(path: Path) -> tuple[int, str]:
+    hasher = hashlib.sha256()
+    size = 0
+    with path.open("rb") as file:
+        while block := file.read(1024 * 1024):
+            size += len(block)
+            hasher.update(block)
+    return size, hasher.hexdigest()

@@ -1,0 +1,440 @@
+"""The update loop: check, download, install; one step at a time, each reported as a status.
+
+Steps come from the schedule (automatic) or from an operator (NATS command or
+CLI) and run one after another. Blocking work (HTTP, unpacking, plugin hooks)
+runs in threads, so heartbeats and commands keep flowing meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pluggy
+
+from connhex_edge_ota.calls import in_thread, notify, vetoes
+from connhex_edge_ota.client import ReleaseChanged, Server, ServerError
+from connhex_edge_ota.config import OtaSettings
+from connhex_edge_ota.installer import Installer, Outcome
+from connhex_edge_ota.release import Release
+from connhex_edge_ota.schedule import Schedule
+from connhex_edge_ota.status import Status, StatusName, rfc3339_now, short_error
+from connhex_edge_ota.store import Offer, Partial, State, Store
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[Status], Awaitable[None]]
+ProgressPrinter = Callable[[int, int], None]
+
+
+@dataclass
+class Result:
+    """What a step achieved, as a command reply."""
+
+    ok: bool
+    error: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass
+class Job:
+    verb: str
+    operator: bool
+    done: asyncio.Future[Result] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class OtaService:
+    """One device's update loop over one store."""
+
+    def __init__(
+        self,
+        settings: OtaSettings,
+        pm: pluggy.PluginManager,
+        store: Store,
+        reporters: list[Reporter] | None = None,
+        on_restart: Callable[[str], Awaitable[None]] | None = None,
+        progress_printer: ProgressPrinter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pm = pm
+        self.store = store
+        self.server = Server(settings)
+        self.installer = Installer(settings, store)
+        self.reporters = list(reporters or [])
+        self.on_restart = on_restart
+        self.progress_printer = progress_printer
+        self.schedule = Schedule(
+            settings.check_interval, settings.check_jitter, settings.retry_floor
+        )
+        self.state = State()
+        self._jobs: asyncio.Queue[Job] = asyncio.Queue()
+        self._cancel = threading.Event()
+        self._hook_queue: asyncio.Queue[Status] = asyncio.Queue(maxsize=100)
+        self._last_failure: ServerError | None = None
+        """The server failure of the current round, which sets the next delay."""
+
+    # state and statuses
+
+    def open(self) -> None:
+        """Load the persisted state (a corrupt file is set aside and reported)."""
+        self.store.create()
+        self.state, warning = self.store.load()
+        if warning:
+            log.warning("%s", warning)
+            self.state.error = short_error(warning)
+        if not self.state.current_version and self.settings.initial_version:
+            self.state.current_version = self.settings.initial_version
+
+    def status(self) -> Status:
+        s = self.state
+        return Status(s.current_version, s.latest_version, s.status, s.error, s.last_checked)
+
+    def _save(self) -> None:
+        self.store.save(self.state)
+
+    async def _report(self, status: StatusName, error: str = "") -> None:
+        """Record and publish a status change (state.json first: it must never lag behind)."""
+        self.state.status = status.value
+        self.state.error = short_error(error)
+        await in_thread(self._save)
+        await self._publish(self.status())
+
+    async def _publish(self, status: Status) -> None:
+        for reporter in self.reporters:
+            try:
+                await reporter(status)
+            except Exception:
+                log.exception("status reporter failed")
+        with contextlib.suppress(asyncio.QueueFull):  # a stuck plugin loses heartbeats, not us
+            self._hook_queue.put_nowait(status)
+
+    async def heartbeat(self) -> None:
+        await self._publish(self.status())
+
+    async def _status_hooks(self) -> None:
+        while True:
+            status = await self._hook_queue.get()
+            await notify(self.pm, "ota_on_status", self.settings.hook_timeout, status=status)
+
+    # steps
+
+    def _release(self) -> Release | None:
+        return self.store.release(self.state.offer) if self.state.offer else None
+
+    def _gave_up_on(self, version: str) -> bool:
+        return self.state.failures.get(version, 0) >= self.settings.max_install_attempts
+
+    async def check(self) -> Result:
+        await self._report(StatusName.CHECKING)
+        try:
+            offer = await in_thread(self.server.check, self.state.current_version)
+        except ServerError as exc:
+            self._last_failure = exc
+            await self._report(StatusName.CHECK_FAILED, str(exc))
+            return Result(False, str(exc))
+        self._last_failure = None
+        self.state.last_checked = rfc3339_now()
+        if offer is None or offer.version == self.state.current_version:
+            self.state.latest_version = self.state.current_version
+            self._forget_offer()
+            await self._report(StatusName.UPDATED)
+            return Result(True)
+        self._take_offer(offer)
+        await self._report_offer()
+        return Result(True)
+
+    def _forget_offer(self) -> None:
+        self.state.offer = None
+        self.state.ready = False
+        self.state.partial = None
+        self.store.prune_downloads(keep=None)
+
+    def _take_offer(self, offer: Offer) -> None:
+        self.state.latest_version = offer.version
+        if self.state.offer != offer:
+            # A different release (or the same version rebuilt): old files are useless.
+            self.state.offer = offer
+            self.state.ready = False
+            if self.state.partial and (
+                self.state.partial.version,
+                self.state.partial.etag,
+                self.state.partial.digest,
+            ) != (offer.version, offer.etag, offer.digest):
+                self.state.partial = None
+            self.store.prune_downloads(keep=offer.version if self.state.partial else None)
+        if self.state.ready and not self.store.zip_path(offer.version).is_file():
+            self.state.ready = False
+
+    async def _report_offer(self, error: str = "") -> None:
+        offer = self.state.offer
+        assert offer is not None
+        if self._gave_up_on(offer.version):
+            attempts = self.state.failures[offer.version]
+            await self._report(
+                StatusName.UPDATE_FAILED,
+                error
+                or f"{offer.version} failed {attempts} time(s); waiting for another release "
+                "or an operator's install",
+            )
+        elif self.state.ready:
+            await self._report(StatusName.UPDATE_READY, error)
+        else:
+            await self._report(StatusName.UPDATE_AVAILABLE, error)
+
+    async def download(self) -> Result:
+        release = self._release()
+        if release is None:
+            return Result(False, "no update to download")
+        if self.state.ready:
+            return Result(True)
+        found = await vetoes(
+            self.pm, "ota_pre_download", self.settings.hook_timeout, release=release
+        )
+        if found:
+            error = "download vetoed by " + "; ".join(found)
+            await self._report(StatusName.UPDATE_AVAILABLE, error)
+            return Result(False, error)
+        partial = self.state.partial or Partial(
+            version=release.version, etag=release.etag, digest=release.digest, size=release.size
+        )
+        self.state.partial = partial
+        await self._report(StatusName.DOWNLOADING)
+        self._cancel.clear()
+        try:
+            await in_thread(
+                self.server.download,
+                release,
+                partial,
+                self._save_partial,
+                self._progress_sink(release),
+                self._cancel,
+            )
+        except ReleaseChanged as exc:
+            self.state.partial = None
+            self._last_failure = exc
+            await self._report(StatusName.DOWNLOAD_FAILED, str(exc))
+            return Result(False, str(exc))
+        except ServerError as exc:
+            self._last_failure = exc
+            if "digest mismatch" in exc.message or "416" in exc.message:
+                self.state.partial = None
+            await self._report(StatusName.DOWNLOAD_FAILED, str(exc))
+            return Result(False, str(exc))
+        except OSError as exc:
+            self._last_failure = ServerError(f"download failed: {exc.strerror or exc}")
+            await self._report(StatusName.DOWNLOAD_FAILED, self._last_failure.message)
+            return Result(False, self._last_failure.message)
+        self._last_failure = None
+        self.state.partial = None
+        self.state.ready = True
+        await self._notify_progress(release, release.size)
+        await self._report(StatusName.UPDATE_READY)
+        return Result(True)
+
+    def _save_partial(self, partial: Partial) -> None:
+        # Called from the download thread: the state object is only read
+        # concurrently by heartbeats, which never look at `partial`.
+        self.state.partial = partial
+        self._save()
+
+    def _progress_sink(self, release: Release) -> Callable[[int], None]:
+        """A callback for the download thread, rate-limited to ``progress_rate`` per second."""
+        loop = asyncio.get_running_loop()
+        period = 1.0 / self.settings.progress_rate
+        last = [0.0]
+
+        def sink(downloaded: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= period:
+                last[0] = now
+                loop.call_soon_threadsafe(
+                    lambda: asyncio.ensure_future(self._notify_progress(release, downloaded))
+                )
+
+        return sink
+
+    async def _notify_progress(self, release: Release, downloaded: int) -> None:
+        if self.progress_printer is not None:
+            self.progress_printer(downloaded, release.size)
+        await notify(
+            self.pm,
+            "ota_on_progress",
+            self.settings.hook_timeout,
+            release=release,
+            downloaded=downloaded,
+            total=release.size,
+        )
+
+    async def install(self, operator: bool = False) -> Result:
+        if operator and self.state.offer is None:
+            checked = await self.check()
+            if not checked:
+                return checked
+        release = self._release()
+        if release is None:
+            return Result(False, "no update to install")
+        if not operator and self._gave_up_on(release.version):
+            return Result(False, f"{release.version} failed before; not retried automatically")
+        if not self.state.ready:
+            fetched = await self.download()
+            if not fetched:
+                return fetched
+        found = await vetoes(
+            self.pm, "ota_pre_install", self.settings.hook_timeout, release=release
+        )
+        if found:
+            error = "install vetoed by " + "; ".join(found)
+            await self._report(StatusName.UPDATE_READY, error)
+            return Result(False, error)
+        await self._report(StatusName.UPDATING)
+        outcome = await self.installer.install(release, self.state, self._save, self._health)
+        return await self._finish(release, outcome)
+
+    async def _health(self, release: Release) -> list[str]:
+        return await vetoes(
+            self.pm, "ota_post_install", self.settings.hook_timeout, release=release
+        )
+
+    async def _finish(self, release: Release, outcome: Outcome) -> Result:
+        if not outcome.ok:
+            failures = self.state.failures
+            failures[release.version] = failures.get(release.version, 0) + 1
+            await self._report(StatusName.UPDATE_FAILED, outcome.error)
+            return Result(False, outcome.error)
+        self.state.current_version = release.version
+        self.state.latest_version = release.version
+        self.state.failures.pop(release.version, None)
+        self._forget_offer()
+        await self._report(StatusName.UPDATED)
+        log.info("updated to %s", release.version)
+        if outcome.restart and self.on_restart is not None:
+            await self.on_restart(f"update.sh of {release.version} asked for a restart (exit 10)")
+        return Result(True)
+
+    async def recover(self) -> None:
+        """Finish or roll back an install the previous process did not complete."""
+        interrupted = self.state.install
+        if interrupted is None:
+            return
+        log.warning("found an interrupted install of %s", interrupted.version)
+        offer = self.state.offer
+        release = (
+            self.store.release(offer)
+            if offer and offer.version == interrupted.version
+            else Release(version=interrupted.version, size=0, digest="")
+        )
+        self.state.current_version = interrupted.previous_version
+        await self._report(StatusName.UPDATING)
+        outcome = await self.installer.recover(release, self.state, self._save, self._health)
+        await self._finish(release, outcome)
+
+    # the loop
+
+    async def cycle(self) -> float:
+        """One automatic round; the delay before the next one."""
+        for _ in range(2):  # a release that changed mid-way is checked again at once
+            self._last_failure = None
+            await self.check()
+            offer = self.state.offer
+            if (
+                offer is None
+                or self._last_failure is not None
+                or not self.settings.downloads_enabled
+                or self._gave_up_on(offer.version)
+            ):
+                break
+            if not self.state.ready:
+                await self.download()
+                if isinstance(self._last_failure, ReleaseChanged):
+                    continue
+            if self.state.ready and self.settings.auto_install:
+                await self.install()
+            break
+        failure = self._last_failure
+        if failure is None:
+            return self.schedule.after_success()
+        return self.schedule.after_failure(failure.retry_after, failure.permanent)
+
+    def submit(self, verb: str) -> Job:
+        """Queue an operator's step; its result arrives on ``job.done``."""
+        job = Job(verb, operator=True)
+        self._jobs.put_nowait(job)
+        return job
+
+    async def _run_job(self, job: Job) -> None:
+        steps: dict[str, Callable[[], Awaitable[Result]]] = {
+            "check": self.check,
+            "download": self._operator_download,
+            "install": lambda: self.install(operator=True),
+        }
+        try:
+            result = await steps[job.verb]()
+        except Exception as exc:
+            log.exception("%s failed", job.verb)
+            result = Result(False, f"{job.verb} failed: {type(exc).__name__}")
+        if not job.done.done():
+            job.done.set_result(result)
+
+    async def _operator_download(self) -> Result:
+        if self.state.offer is None:
+            checked = await self.check()
+            if not checked:
+                return checked
+        return await self.download()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set: recover, then check on schedule and run queued steps."""
+        hooks = asyncio.create_task(self._status_hooks(), name="ota-status-hooks")
+        beats = asyncio.create_task(self._heartbeats(stop), name="ota-heartbeat")
+        worker = asyncio.create_task(self._work(), name="ota-loop")
+        try:
+            await stop.wait()
+        finally:
+            self._cancel.set()
+            for task in (worker, beats):
+                task.cancel()
+            await asyncio.gather(worker, beats, return_exceptions=True)
+            # Give status hooks a moment to see the last status, then stop them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_hooks(), 1.0)
+            hooks.cancel()
+            await asyncio.gather(hooks, return_exceptions=True)
+            self.server.close()
+
+    async def _drain_hooks(self) -> None:
+        while not self._hook_queue.empty():
+            await asyncio.sleep(0.05)
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            if self.state.status:
+                await self.heartbeat()
+
+    async def _work(self) -> None:
+        await self.recover()
+        next_round = time.monotonic()
+        while True:
+            try:
+                job = await asyncio.wait_for(
+                    self._jobs.get(), max(0.0, next_round - time.monotonic())
+                )
+            except TimeoutError:
+                try:
+                    delay = await self.cycle()
+                except Exception:
+                    log.exception("update round failed")
+                    delay = self.schedule.after_failure()
+                log.debug("next check in %.1fs", delay)
+                next_round = time.monotonic() + delay
+                continue
+            await self._run_job(job)

@@ -14,8 +14,8 @@ $(VENV)/.demo-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[demo]'
 	touch $@
 
-$(VENV)/.test-installed: $(BIN)/python pyproject.toml $(HOOKS)
-	$(BIN)/pip install --quiet -e '.[test]' $(foreach h,$(HOOKS),-e ./$(dir $(h)))
+$(VENV)/.test-installed: $(BIN)/python pyproject.toml tests/plugins/dummy/pyproject.toml $(HOOKS)
+	$(BIN)/pip install --quiet -e '.[test]' -e ./tests/plugins/dummy $(foreach h,$(HOOKS),-e ./$(dir $(h)))
 	touch $@
 
 install: $(VENV)/.demo-installed

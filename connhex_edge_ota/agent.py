@@ -66,6 +66,8 @@ def plugin_manager(
     """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(lifecycle)
+    # Historic: every plugin registered from now on adds its specs as it arrives.
+    pm.hook.agent_addhooks.call_historic(kwargs={"pluginmanager": pm})
     for name in blocked:
         pm.set_blocked(name)
     loaded: list[LoadedPlugin] = []

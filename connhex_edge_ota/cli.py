@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from connhex_edge_ota import __version__, hookspecs
+from connhex_edge_ota import __version__
 from connhex_edge_ota.agent import blocked_plugins, plugin_manager, run_agent
 from connhex_edge_ota.archive import ArchiveError, Limits
 from connhex_edge_ota.config import ConfigError, config_path, load_settings
@@ -114,8 +114,6 @@ def _step(args: argparse.Namespace) -> int:
     settings = load_settings(path)
     settings.require_server()
     pm, _ = plugin_manager(blocked=blocked_plugins(path))
-    if not hasattr(pm.hook, "ota_pre_install"):
-        pm.add_hookspecs(hookspecs)
     store = Store(settings.store_dir)
     try:
         store.lock()

@@ -1,0 +1,1 @@
+"""Dummy third-party plugins for connhex-edge-ota's tests."""

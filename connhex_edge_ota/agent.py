@@ -198,6 +198,8 @@ class ReferenceAgent:
 
 def run_agent(config_path: Path) -> int:
     """Run the reference host until SIGTERM/SIGINT; the process exit code."""
+    # The addon's own table first: a bad config is one line, before any plugin talks.
+    load_settings(config_path).require_server()
     pm, _loaded = plugin_manager(blocked=blocked_plugins(config_path))
     agent = ReferenceAgent(config_path, pm)
     agent.configure()

@@ -1,0 +1,74 @@
+"""state.json written atomically; a corrupt one set aside; one process at a time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from connhex_edge_ota.store import Busy, Offer, State, Store, write_atomic
+
+
+def test_save_then_load_round_trips(tmp_path: Path) -> None:
+    store = Store(tmp_path / "ota")
+    store.create()
+    state = State(current_version="1.0.0", offer=Offer(version="2", size=3, digest="d"))
+    store.save(state)
+    loaded, warning = store.load()
+    assert warning == "" and loaded == state
+    assert not list(store.root.glob(".*.tmp"))  # no temp file left behind
+
+
+def test_atomic_write_keeps_the_old_file_when_the_new_cannot_be_written(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    with pytest.raises(TypeError):
+        write_atomic(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_text() == "old"
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b'{"current_version": 5}', b"\x00\xff garbage"])
+def test_corrupt_state_is_moved_aside_and_reported_once(tmp_path: Path, content: bytes) -> None:
+    store = Store(tmp_path / "ota")
+    store.create()
+    store.state_file.write_bytes(content)
+    state, warning = store.load()
+    assert state == State()
+    assert "corrupt" in warning
+    aside = list(store.root.glob("state.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+    assert store.load() == (State(), "")  # the next start is clean: reported once
+
+
+def test_second_process_gets_a_clear_busy(tmp_path: Path) -> None:
+    store = Store(tmp_path / "ota")
+    store.lock()
+    code = (
+        "import sys; from pathlib import Path; from connhex_edge_ota.store import Store, Busy\n"
+        f"try:\n    Store(Path({str(store.root)!r})).lock()\nexcept Busy as e:\n    print(e); sys.exit(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 3
+    assert result.stdout.startswith("busy: the store") and "pid" in result.stdout
+    store.unlock()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+
+
+def test_busy_inside_one_process_too(tmp_path: Path) -> None:
+    first, second = Store(tmp_path / "ota"), Store(tmp_path / "ota")
+    first.lock()
+    with pytest.raises(Busy):
+        second.lock()
+    first.unlock()
+
+
+def test_paths_refuse_unsafe_versions(tmp_path: Path) -> None:
+    store = Store(tmp_path / "ota")
+    with pytest.raises(ValueError, match="separator"):
+        store.zip_path("../../etc/passwd")
+    assert store.zip_path("1.2.3") == store.downloads / "1.2.3.zip"
+    assert json.loads(State().model_dump_json())["schema_version"] == 1

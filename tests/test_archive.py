@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import stat
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from connhex_edge_ota.archive import ArchiveError, Limits, check_archive, unpack
 
 
-def make_zip(path: Path, members: list[tuple[str, bytes, int | None]]) -> Path:
+def make_zip(path: Path, members: Sequence[tuple[str, bytes, int | None]]) -> Path:
     """members: (name, data, unix mode or None)."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, data, mode in members:
@@ -46,7 +47,9 @@ UPDATE_SHA = hashlib.sha256(b"echo hi\n").hexdigest()
         ([("sub/update.sh", b"x", None)], "no update.sh"),
     ],
 )
-def test_hostile_members_are_refused(tmp_path: Path, members: list[tuple[str, bytes, int | None]], reason: str) -> None:
+def test_hostile_members_are_refused(
+    tmp_path: Path, members: list[tuple[str, bytes, int | None]], reason: str
+) -> None:
     path = make_zip(tmp_path / "r.zip", members)
     with pytest.raises(ArchiveError, match=reason):
         check_archive(path, Limits())
@@ -75,7 +78,9 @@ def test_unpack_replaces_current_as_a_whole(tmp_path: Path) -> None:
     current = tmp_path / "current"
     current.mkdir()
     (current / "old.txt").write_text("old")
-    path = make_zip(tmp_path / "r.zip", [UPDATE, ("dir/", b"", None), ("dir/new.txt", b"new", None)])
+    path = make_zip(
+        tmp_path / "r.zip", [UPDATE, ("dir/", b"", None), ("dir/new.txt", b"new", None)]
+    )
     unpack(path, check_archive(path, Limits()), current, None)
     assert (current / "dir" / "new.txt").read_text() == "new"
     assert not (current / "old.txt").exists()

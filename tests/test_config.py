@@ -18,7 +18,9 @@ def write(tmp_path: Path, body: str) -> Path:
 
 
 def test_reads_the_ota_table_and_keeps_defaults(tmp_path: Path) -> None:
-    path = write(tmp_path, "[agent]\nname='x'\n[ota]\nauto_install = true\ncheck_interval = '24h0m0s'\n")
+    path = write(
+        tmp_path, "[agent]\nname='x'\n[ota]\nauto_install = true\ncheck_interval = '24h0m0s'\n"
+    )
     settings = load_settings(path)
     assert settings.auto_install and not settings.auto_download and settings.downloads_enabled
     assert settings.check_interval == 86400.0
@@ -53,7 +55,10 @@ def test_config_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        ("check_intervall = '1h'", "[ota] check_intervall is not a known key (did you mean check_interval?)"),
+        (
+            "check_intervall = '1h'",
+            "[ota] check_intervall is not a known key (did you mean check_interval?)",
+        ),
         ("check_interval = 'soon'", "[ota] check_interval = 'soon'"),
         ("check_interval = 0", "greater than zero"),
         ("auto_install = 'maybe'", "[ota] auto_install = 'maybe'"),
@@ -87,7 +92,7 @@ def test_environment_error_names_the_variable(
 
 
 def test_broken_toml_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="agent.toml"):
+    with pytest.raises(ConfigError, match=r"agent\.toml"):
         load_settings(write(tmp_path, "[ota\n"))
 
 
@@ -99,7 +104,9 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path: Path, body: str) -
     path = write(tmp_path, body)
     result = subprocess.run(
         [sys.executable, "-m", "connhex_edge_ota", "run", "--config", str(path)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

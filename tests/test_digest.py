@@ -12,13 +12,14 @@ from hypothesis import strategies as st
 from connhex_edge_ota.digest import DigestError, format_content_digest, parse_content_digest
 
 SHA = hashlib.sha256(b"release").digest()
+B64 = base64.b64encode(SHA).decode()
 
 
 @pytest.mark.parametrize(
     "header",
     [
         f"sha-256=:{base64.b64encode(SHA).decode()}:",
-        f"sha-512=:{base64.b64encode(b'x' * 64).decode()}:, sha-256=:{base64.b64encode(SHA).decode()}:",
+        f"sha-512=:{base64.b64encode(b'x' * 64).decode()}:, sha-256=:{B64}:",
         f"sha256={SHA.hex()}",
         f"SHA-256={SHA.hex().upper()}",
     ],

@@ -32,7 +32,12 @@ def test_full_cycle_installs_and_reports_every_step(
 
     assert done.latest_version == "1.2.3" and done.error == "" and done.last_checked.endswith("Z")
     assert statuses.names()[:6] == [
-        "checking", "update_available", "downloading", "update_ready", "updating", "updated"
+        "checking",
+        "update_available",
+        "downloading",
+        "update_ready",
+        "updating",
+        "updated",
     ]
     assert out.read_text().strip() == "1.0.0>1.2.3"
     state = json.loads((agent.store / "state.json").read_text())
@@ -43,8 +48,13 @@ def test_full_cycle_installs_and_reports_every_step(
     assert head.headers["Authorization"] == "Thing test-init-key"
     assert head.headers["Version"] == "1.0.0"
     hooks = {c["hook"] for c in read_calls(dummy_log)}
-    assert {"ota_pre_download", "ota_pre_install", "ota_post_install", "ota_on_status",
-            "ota_on_progress"} <= hooks
+    assert {
+        "ota_pre_download",
+        "ota_pre_install",
+        "ota_post_install",
+        "ota_on_status",
+        "ota_on_progress",
+    } <= hooks
     # The device is now on the latest release: the next check finds nothing new.
     mark = statuses.mark()
     reply = statuses.request("check")

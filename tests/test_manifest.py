@@ -22,7 +22,11 @@ MANIFEST: dict[str, Any] = tomllib.loads((ROOT / "plugin.toml").read_text())
 
 def test_entry_point_is_installed_as_declared() -> None:
     declared = MANIFEST["plugin"]
-    found = [ep for ep in entry_points(group=declared["entry_point_group"]) if ep.name == declared["name"]]
+    found = [
+        ep
+        for ep in entry_points(group=declared["entry_point_group"])
+        if ep.name == declared["name"]
+    ]
     assert [ep.value for ep in found] == [declared["entry_point"]]
     assert found[0].dist is not None and found[0].dist.name == declared["distribution"]
 
@@ -48,12 +52,18 @@ def test_config_table_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_subjects() -> None:
     assert MANIFEST["nats"]["publishes"] == [HEARTBEAT_SUBJECT]
-    assert MANIFEST["nats"]["serves"] == [subject(v) for v in ("check", "download", "install", "status")]
+    assert MANIFEST["nats"]["serves"] == [
+        subject(v) for v in ("check", "download", "install", "status")
+    ]
     assert set(VERBS) == {"check", "download", "install", "status"}
 
 
 def test_hooks_offered_and_implemented() -> None:
-    offered = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("ota_")]
+    offered = [
+        n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("ota_")
+    ]
     assert sorted(MANIFEST["hooks"]["offered"]) == sorted(offered)
-    implemented = [n for n, f in inspect.getmembers(plugin, inspect.isfunction) if n.startswith("agent_")]
+    implemented = [
+        n for n, f in inspect.getmembers(plugin, inspect.isfunction) if n.startswith("agent_")
+    ]
     assert sorted(MANIFEST["hooks"]["implemented"]) == sorted(implemented)

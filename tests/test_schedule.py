@@ -13,15 +13,20 @@ durations = st.floats(min_value=0.1, max_value=7 * 86400)
 
 
 @given(interval=durations, jitter=st.floats(0, 3600), seed=st.integers())
-def test_success_waits_the_interval_plus_at_most_ten_percent(interval: float, jitter: float, seed: int) -> None:
+def test_success_waits_the_interval_plus_at_most_ten_percent(
+    interval: float, jitter: float, seed: int
+) -> None:
     schedule = Schedule(interval, jitter, 30.0, random.Random(seed))
     delay = schedule.after_success()
     assert interval <= delay <= interval + min(jitter, interval * 0.1) + 1e-9
 
 
 @given(
-    interval=durations, floor=st.floats(0.01, 600), failures=st.integers(1, 80),
-    retry_after=st.none() | st.floats(0, 10 * 86400), seed=st.integers(),
+    interval=durations,
+    floor=st.floats(0.01, 600),
+    failures=st.integers(1, 80),
+    retry_after=st.none() | st.floats(0, 10 * 86400),
+    seed=st.integers(),
 )
 def test_failures_back_off_between_floor_and_interval(
     interval: float, floor: float, failures: int, retry_after: float | None, seed: int

@@ -18,7 +18,10 @@ from connhex_edge_ota.signing import keygen, load_public_key
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "connhex_edge_ota", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "connhex_edge_ota", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -71,9 +74,12 @@ def test_public_key_forms(tmp_path: Path) -> None:
     key = load_public_key(pem)
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     for form in (str(tmp_path / "k.pub"), pem, base64.b64encode(raw).decode()):
-        assert load_public_key(form).public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        ) == raw
+        assert (
+            load_public_key(form).public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+            == raw
+        )
 
 
 def test_pack_refuses_a_folder_without_update_sh(tmp_path: Path) -> None:

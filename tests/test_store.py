@@ -48,13 +48,18 @@ def test_second_process_gets_a_clear_busy(tmp_path: Path) -> None:
     store.lock()
     code = (
         "import sys; from pathlib import Path; from connhex_edge_ota.store import Store, Busy\n"
-        f"try:\n    Store(Path({str(store.root)!r})).lock()\nexcept Busy as e:\n    print(e); sys.exit(3)\n"
+        f"try:\n    Store(Path({str(store.root)!r})).lock()\n"
+        "except Busy as e:\n    print(e); sys.exit(3)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 3
     assert result.stdout.startswith("busy: the store") and "pid" in result.stdout
     store.unlock()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0
 
 

@@ -9,6 +9,7 @@ the process's exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -34,14 +35,19 @@ async def in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not future.done():
             outcome()
 
+    def hand_over(outcome: Callable[[], None]) -> None:
+        # A closed loop raises RuntimeError: nobody waits for this call any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, outcome)
+
     def work() -> None:
         try:
             result = function(*args, **kwargs)
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the awaiting task
             error = exc
-            loop.call_soon_threadsafe(settle, lambda: future.set_exception(error))
+            hand_over(lambda: future.set_exception(error))
         else:
-            loop.call_soon_threadsafe(settle, lambda: future.set_result(result))
+            hand_over(lambda: future.set_result(result))
 
     threading.Thread(target=work, name=getattr(function, "__name__", "call"), daemon=True).start()
     return await future

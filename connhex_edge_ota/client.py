@@ -127,6 +127,8 @@ class Server:
         offset = _resumable_bytes(part, partial)
         _check_space(part.parent, release.size - offset, self.settings.free_space_margin)
         hasher = _hash_prefix(part, offset)
+        if offset == release.size:  # complete before a restart: only verification is left
+            return self._finish(release, part, hasher, 0)
         headers = {"If-Match": release.etag} if release.etag else {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -161,6 +163,10 @@ class Server:
         done = offset + received
         if done < release.size:
             raise ServerError(f"connection ended at {done} of {release.size} bytes; will resume")
+        return self._finish(release, part, hasher, received)
+
+    @staticmethod
+    def _finish(release: Release, part: Path, hasher: hashlib._Hash, received: int) -> int:
         if format_content_digest(hasher.digest()) != release.digest:
             part.unlink(missing_ok=True)
             raise ServerError("digest mismatch: the downloaded file was deleted")

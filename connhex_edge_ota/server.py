@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -257,11 +258,19 @@ class ReleaseServer:
     """The release server on ``host:port`` (port 0 picks a free one), in a background thread."""
 
     def __init__(
-        self, folder: Path, host: str = "127.0.0.1", port: int = 0, init_key: str | None = None
+        self,
+        folder: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        init_key: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.releases = ReleaseFolder(folder, init_key=init_key)
         self.httpd = _Server((host, port), _Handler)
         self.httpd.releases = self.releases
+        self.scheme = "https" if tls else "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self._thread: threading.Thread | None = None
 
     @property
@@ -270,7 +279,7 @@ class ReleaseServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def faults(self) -> Faults:

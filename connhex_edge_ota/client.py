@@ -214,16 +214,16 @@ def _receive(
                     partial = partial.model_copy(update={"durable": written})
                     save_partial(partial)
                     next_checkpoint = written + CHECKPOINT
+        except requests.RequestException as exc:  # before OSError: it is one
+            raise ServerError(
+                f"{_network_error(exc)} at {written} of {release.size} bytes; will resume"
+            ) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise ServerError(
                     f"no space left on device at {written} of {release.size} bytes; will resume"
                 ) from None
-            raise ServerError(f"write failed: {exc.strerror}") from None
-        except requests.RequestException as exc:
-            raise ServerError(
-                f"{_network_error(exc)} at {written} of {release.size} bytes"
-            ) from None
+            raise ServerError(f"write failed: {exc.strerror or exc}") from None
         os.fsync(file.fileno())
     if cancel.is_set():
         raise ServerError(f"download stopped at {written} of {release.size} bytes; will resume")
@@ -313,6 +313,8 @@ def _network_error(exc: requests.RequestException) -> str:
     """A short reason that never carries request headers (they hold the key)."""
     if isinstance(exc, requests.exceptions.SSLError):
         return "TLS error: the server certificate could not be verified"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "connection ended early"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return "connection timed out"
     if isinstance(exc, (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError)):

@@ -156,8 +156,12 @@ def _forward(verb: str, nats_url: str, busy: str) -> int:
     async def ask() -> bytes:
         import nats
 
-        nc = await nats.connect(
-            nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False
+        async def quiet(_exc: Exception) -> None:
+            return None
+
+        # nats-py keeps retrying a refused first connection: bound it ourselves.
+        nc = await asyncio.wait_for(
+            nats.connect(nats_url, connect_timeout=2, allow_reconnect=False, error_cb=quiet), 3
         )
         try:
             reply = await nc.request(subject(verb), b"{}", timeout=5)

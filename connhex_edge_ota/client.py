@@ -78,9 +78,12 @@ class Server:
         self.settings = settings
         self.url = f"{settings.server_url}/iot/ota/{settings.init_id}"
         self.session = requests.Session()
-        self.session.verify = str(settings.ca_file) if settings.ca_file else True
+        # Given with every request: requests lets REQUESTS_CA_BUNDLE override a
+        # session's verify (psf/requests#3829), which would drop our ca_file.
+        self.verify: str | bool = str(settings.ca_file) if settings.ca_file else True
+        self.cert: tuple[str, str] | None = None
         if settings.cert_file and settings.key_file:
-            self.session.cert = (str(settings.cert_file), str(settings.key_file))
+            self.cert = (str(settings.cert_file), str(settings.key_file))
         self.session.headers["User-Agent"] = f"connhex-edge-ota/{__version__}"
         key = settings.init_key.get_secret_value()
         if key:
@@ -97,7 +100,12 @@ class Server:
         headers = {"Version": current_version} if current_version else {}
         try:
             response = self.session.head(
-                self.url, headers=headers, timeout=self._timeout(), allow_redirects=True
+                self.url,
+                headers=headers,
+                timeout=self._timeout(),
+                allow_redirects=True,
+                verify=self.verify,
+                cert=self.cert,
             )
         except requests.RequestException as exc:
             raise ServerError(_network_error(exc)) from None
@@ -134,7 +142,12 @@ class Server:
             headers["Range"] = f"bytes={offset}-"
         try:
             response = self.session.get(
-                self.url, headers=headers, stream=True, timeout=self._timeout()
+                self.url,
+                headers=headers,
+                stream=True,
+                timeout=self._timeout(),
+                verify=self.verify,
+                cert=self.cert,
             )
         except requests.RequestException as exc:
             raise ServerError(_network_error(exc)) from None

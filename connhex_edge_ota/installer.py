@@ -6,6 +6,7 @@ service owns the state and the statuses, and hands in the health gate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -84,7 +85,8 @@ class Installer:
     ) -> Outcome:
         """Install ``release`` over ``state.current_version``; ``state.install`` marks the attempt.
 
-        ``save`` persists ``state``; it is called before each step with effects.
+        ``save`` persists ``state``; it is called before each step with effects,
+        and the install does not start unless the first call succeeds.
         """
         previous = state.current_version
         state.install = Install(
@@ -93,7 +95,11 @@ class Installer:
             started=time.time(),
             boot_id=boot_id(),
         )
-        save()
+        try:
+            save()
+        except OSError as exc:  # an install that could not be recorded must not start
+            state.install = None
+            return Outcome(False, f"cannot record the install in state.json: {exc.strerror}")
         try:
             await in_thread(self._check_and_unpack, release)
         except (ArchiveError, OSError) as exc:
@@ -121,7 +127,8 @@ class Installer:
             if state.install is not None:
                 state.install.pgid = pid
                 state.install.phase = "update" if script == UPDATE_SCRIPT else "rollback"
-                save()
+                with contextlib.suppress(OSError):  # the install is recorded already
+                    save()
 
         workdir = self.store.current
         env = script_environment(workdir, previous, release.version, self.settings.install_timeout)

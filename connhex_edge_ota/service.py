@@ -79,6 +79,8 @@ class OtaService:
         self._jobs: asyncio.Queue[Job] = asyncio.Queue()
         self._cancel = threading.Event()
         self._hook_queue: asyncio.Queue[Status] = asyncio.Queue(maxsize=100)
+        self._notice = ""
+        """Something to report once, with the first status (e.g. a corrupt state.json)."""
         self._last_failure: ServerError | None = None
         """The server failure of the current round, which sets the next delay."""
 
@@ -90,7 +92,7 @@ class OtaService:
         self.state, warning = self.store.load()
         if warning:
             log.warning("%s", warning)
-            self.state.error = short_error(warning)
+            self._notice = warning
         if not self.state.current_version and self.settings.initial_version:
             self.state.current_version = self.settings.initial_version
 
@@ -99,7 +101,14 @@ class OtaService:
         return Status(s.current_version, s.latest_version, s.status, s.error, s.last_checked)
 
     def _save(self) -> None:
-        self.store.save(self.state)
+        """Persist the state; a full or failing disk is logged and reported, never fatal.
+
+        The device then keeps working from memory, and the next save retries.
+        """
+        try:
+            self.store.save(self.state)
+        except OSError as exc:
+            log.warning("state.json not saved: %s", exc.strerror or exc)
 
     async def _report(self, status: StatusName, error: str = "") -> None:
         """Record and publish a status change (state.json first: it must never lag behind)."""
@@ -134,7 +143,8 @@ class OtaService:
         return self.state.failures.get(version, 0) >= self.settings.max_install_attempts
 
     async def check(self) -> Result:
-        await self._report(StatusName.CHECKING)
+        notice, self._notice = self._notice, ""
+        await self._report(StatusName.CHECKING, notice)
         try:
             offer = await in_thread(self.server.check, self.state.current_version)
         except ServerError as exc:
@@ -296,7 +306,9 @@ class OtaService:
             await self._report(StatusName.UPDATE_READY, error)
             return Result(False, error)
         await self._report(StatusName.UPDATING)
-        outcome = await self.installer.install(release, self.state, self._save, self._health)
+        outcome = await self.installer.install(
+            release, self.state, lambda: self.store.save(self.state), self._health
+        )
         return await self._finish(release, outcome)
 
     async def _health(self, release: Release) -> list[str]:

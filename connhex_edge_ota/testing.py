@@ -174,6 +174,8 @@ class OtaAgent:
         self.env = {**os.environ, **(env or {})}
         self.log = root / "agent.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.file_size_limit: int | None = None
+        """RLIMIT_FSIZE for the agent: writes past it fail as on a full disk."""
 
     @property
     def store(self) -> Path:
@@ -195,8 +197,15 @@ class OtaAgent:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
+                preexec_fn=self._limit if self.file_size_limit else None,  # noqa: PLW1509
             )
         return self
+
+    def _limit(self) -> None:
+        import resource
+
+        limit = self.file_size_limit or resource.RLIM_INFINITY
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Signal the agent and wait for it; its exit code."""
@@ -250,7 +259,7 @@ def make_release(tmp_path: Path) -> Callable[..., Path]:
 def ota_agent(
     tmp_path: Path, nats_server: NatsServer, release_server: ReleaseServer
 ) -> Iterator[Callable[..., OtaAgent]]:
-    """``ota_agent(**ota_keys, extra_tables=None, env=None)``: a started agent.
+    """``ota_agent(**ota_keys, extra_tables=None, env=None, file_size_limit=None)``: an agent.
 
     Defaults point it at the ``release_server`` and ``nats_server`` fixtures,
     with ``initial_version = "1.0.0"``, a private ``install_dir`` and short
@@ -261,6 +270,7 @@ def ota_agent(
     def start(
         extra_tables: dict[str, dict[str, Any]] | None = None,
         env: dict[str, str] | None = None,
+        file_size_limit: int | None = None,
         **ota: Any,
     ) -> OtaAgent:
         root = tmp_path / f"agent{len(agents)}"
@@ -279,7 +289,9 @@ def ota_agent(
             "free_space_margin": 0,
         }
         config.update(ota)
-        agent = OtaAgent(root, config, extra_tables or {}, env).start()
+        agent = OtaAgent(root, config, extra_tables or {}, env)
+        agent.file_size_limit = file_size_limit
+        agent.start()
         agents.append(agent)
         return agent
 

@@ -197,7 +197,7 @@ class OtaAgent:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
-                preexec_fn=self._limit if self.file_size_limit else None,  # noqa: PLW1509
+                preexec_fn=self._limit if self.file_size_limit else None,
             )
         return self
 

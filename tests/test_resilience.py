@@ -123,9 +123,8 @@ def test_full_disk_mid_download_keeps_the_partial_and_recovers(
             agent = ota_agent(auto_download=True, install_dir=str(install_dir), retry_floor="300ms")
             filler = install_dir / "filler"
             wait_until(lambda: part_size(agent) > MIB)
-            with filler.open("wb") as file:
-                with contextlib.suppress(OSError):
-                    file.write(b"\0" * 6 * MIB)
+            with filler.open("wb") as file, contextlib.suppress(OSError):
+                file.write(b"\0" * 6 * MIB)
             failed = statuses.wait_status("download_failed")
             assert "no space left on device" in failed.error
             assert part_size(agent) > MIB  # the partial file is kept

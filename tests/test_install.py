@@ -1,0 +1,258 @@
+"""Installs with real scripts and zips: failures, rollback, timeouts, restarts, power cuts."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from connhex_edge_ota.server import ReleaseServer
+from connhex_edge_ota.signing import keygen
+from connhex_edge_ota.testing import OtaAgent, StatusWatcher
+from tests.conftest import read_calls
+from tests.test_resilience import wait_until
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers signal 0: look at its state.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ")[1][0] != "Z"
+
+
+def test_failed_update_rolls_back_keeps_version_and_is_not_retried(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    rolled = tmp_path / "rolled-back"
+    release_server.releases.publish(
+        make_release(
+            "2.0.0",
+            update_sh='echo "copying files"\necho "disk error" >&2\nexit 3\n',
+            rollback_sh=f'echo "restoring"\ntouch "{rolled}"\n',
+        )
+    )
+    agent = ota_agent(auto_install=True)
+    failed = statuses.wait_status("update_failed")
+    assert failed.current_version == "1.0.0" and failed.latest_version == "2.0.0"
+    assert failed.error.startswith("update.sh exited with 3: ")
+    assert "disk error" in failed.error and failed.error.endswith("rolled back")
+    assert rolled.is_file()
+    log = (agent.store / "logs" / "2.0.0.log").read_text()
+    assert "--- update.sh" in log and "disk error" in log and "--- rollback.sh" in log
+
+    # Checked again: the failed version is not installed again by itself...
+    mark = statuses.mark()
+    statuses.request("check")
+    again = statuses.wait_status("update_failed", after=mark)
+    assert "failed 1 time(s)" in again.error
+    assert (agent.store / "logs" / "2.0.0.log").read_text().count("--- update.sh") == 1
+    # ... but an operator may insist.
+    mark = statuses.mark()
+    statuses.request("install")
+    statuses.wait_for(
+        lambda s: s.status == "update_failed" and "exited with 3" in s.error, after=mark
+    )
+    assert (agent.store / "logs" / "2.0.0.log").read_text().count("--- update.sh") == 2
+
+
+def test_timeout_kills_the_whole_process_group(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    child = tmp_path / "child.pid"
+    release_server.releases.publish(
+        make_release("2.1.0", update_sh=f'sleep 300 &\necho $! > "{child}"\nsleep 300\n')
+    )
+    ota_agent(auto_install=True, install_timeout="1s")
+    failed = statuses.wait_status("update_failed")
+    assert failed.error.startswith("update.sh timed out after 1s")
+    assert failed.current_version == "1.0.0"
+    wait_until(lambda: not alive(int(child.read_text())), timeout=5)
+
+
+def test_exit_10_updates_then_the_agent_restarts_itself(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+) -> None:
+    release_server.releases.publish(make_release("3.0.0", update_sh="echo restart me\nexit 10\n"))
+    agent = ota_agent(auto_install=True)
+    updated = statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "3.0.0")
+    # The re-executed agent checks right after its start, from the persisted version.
+    after = statuses.wait_status("checking", after=statuses.statuses.index(updated))
+    assert after.current_version == "3.0.0"
+    statuses.wait_status("updated", after=statuses.statuses.index(after))
+    assert agent.process is not None and agent.process.poll() is None
+    assert "restarting: update.sh of 3.0.0 asked for a restart" in agent.output()
+    assert agent.output().count("running (config") == 2
+
+
+def test_failing_health_gate_rolls_back_and_names_the_plugin(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+    dummy_log: Path,
+) -> None:
+    rolled = tmp_path / "rolled-back"
+    release_server.releases.publish(make_release("4.0.0", rollback_sh=f'touch "{rolled}"\n'))
+    ota_agent(
+        auto_install=True,
+        env={"CONNHEX_DUMMY_UNHEALTHY": "service x is down", "CONNHEX_DUMMY_LOG": str(dummy_log)},
+    )
+    failed = statuses.wait_status("update_failed")
+    assert failed.error == "health check failed: dummy-veto: service x is down; rolled back"
+    assert failed.current_version == "1.0.0" and rolled.is_file()
+    post = [c for c in read_calls(dummy_log) if c["hook"] == "ota_post_install"]
+    assert post and post[0]["workdir"].endswith("/.store/ota/current")
+
+
+def hostile_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(zipfile.ZipInfo(name), data)
+    return path
+
+
+def test_hostile_release_never_runs_and_never_writes_outside_the_store(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    ran = tmp_path / "ran"
+    zip_path = hostile_zip(
+        tmp_path / "fw-5.0.0.zip",
+        {
+            "update.sh": f'touch "{ran}"\n'.encode(),
+            "../../../../escaped.txt": b"x",
+        },
+    )
+    release_server.releases.publish(zip_path)
+    agent = ota_agent(auto_install=True)
+    failed = statuses.wait_status("update_failed")
+    assert failed.error == "release refused: ../../../../escaped.txt: '..' in member path"
+    assert not ran.exists()
+    assert not any(p.name == "escaped.txt" for p in tmp_path.rglob("escaped.txt"))
+    assert not (agent.store / "current").exists()
+
+
+def test_release_without_update_sh_fails_before_anything_runs(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    release_server.releases.publish(hostile_zip(tmp_path / "fw-5.1.zip", {"install.sh": b"x"}))
+    ota_agent(auto_install=True)
+    failed = statuses.wait_status("update_failed")
+    assert failed.error == "release refused: no update.sh at the root of the release"
+
+
+def test_kill_9_during_update_sh_is_rolled_back_at_the_next_start(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    started, pid_file, rolled = tmp_path / "started", tmp_path / "pid", tmp_path / "rolled"
+    release_server.releases.publish(
+        make_release(
+            "6.0.0",
+            update_sh=f'echo $$ > "{pid_file}"\ntouch "{started}"\nsleep 300\n',
+            rollback_sh=f'touch "{rolled}"\n',
+        )
+    )
+    agent = ota_agent(auto_install=True)
+    wait_until(started.exists)
+    agent.kill()
+    state = json.loads((agent.store / "state.json").read_text())
+    assert state["install"]["version"] == "6.0.0"  # recorded before the script ran
+
+    mark = statuses.mark()
+    ota_agent(auto_install=False)
+    failed = statuses.wait_status("update_failed", after=mark)
+    assert failed.error == "interrupted; rolled back"
+    assert failed.current_version == "1.0.0" and rolled.is_file()
+    wait_until(lambda: not alive(int(pid_file.read_text())), timeout=5)  # orphan killed
+
+
+def test_kill_9_after_update_sh_recorded_success_is_finished(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    release_server.releases.publish(
+        make_release("6.1.0", update_sh=f'touch "{started}"\nsleep 1\ntouch "{finished}"\n')
+    )
+    agent = ota_agent(auto_install=True)
+    wait_until(started.exists)
+    agent.kill()  # the script outlives the agent and its wrapper records exit 0
+    wait_until(lambda: (agent.store / "update.exit").exists())
+    assert finished.exists()
+
+    mark = statuses.mark()
+    ota_agent()
+    done = statuses.wait_for(
+        lambda s: s.status == "updated" and s.current_version == "6.1.0", after=mark
+    )
+    assert done.error == ""
+
+
+def test_signed_releases_only_when_a_public_key_is_set(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    keygen(tmp_path / "k")
+    release_server.releases.publish(make_release("7.0.0"))
+    agent = ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"))
+    refused = statuses.wait_status("update_failed")
+    assert "not signed" in refused.error
+    agent.stop()
+    release_server.releases.publish(make_release("7.0.1", key=tmp_path / "k"))
+    mark = statuses.mark()
+    ota_agent(auto_install=True, public_key=(tmp_path / "k.pub").read_text())
+    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "7.0.1", after=mark)
+
+
+def test_scripts_get_the_documented_environment_only(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / "env.txt"
+    release_server.releases.publish(make_release("8.0.0", update_sh=f'env > "{env_file}"\n'))
+    agent = ota_agent(
+        auto_install=True, install_timeout="2m", env={"LEAKY_SECRET": "should-not-pass"}
+    )
+    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "8.0.0")
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    assert env["CHX_OTA_PAYLOAD_DIR"] == str(agent.store / "current")
+    assert env["CHX_OTA_VERSION_CURRENT"] == "1.0.0"
+    assert env["CHX_OTA_VERSION_TARGET"] == "8.0.0"
+    assert env["CHX_OTA_TIMEOUT_SEC"] == "120"
+    assert "LEAKY_SECRET" not in env and "CONNHEX_OTA_INIT_KEY" not in env
+    assert env["PATH"].startswith("/usr/local/sbin:")

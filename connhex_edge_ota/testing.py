@@ -65,6 +65,8 @@ class StatusWatcher:
         self.nats_url = nats_url
         self.subject = subject
         self.statuses: list[Status] = []
+        self.raw: list[bytes] = []
+        """Every message body as received (for subjects that do not carry statuses)."""
         self._changed = threading.Condition()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -81,9 +83,11 @@ class StatusWatcher:
         self._nc = await nats.connect(self.nats_url)
 
         async def on_msg(msg: Any) -> None:
-            status = Status.from_payload(json.loads(msg.data))
+            data = json.loads(msg.data)
             with self._changed:
-                self.statuses.append(status)
+                self.raw.append(msg.data)
+                if isinstance(data, dict):
+                    self.statuses.append(Status.from_payload(data))
                 self._changed.notify_all()
 
         await self._nc.subscribe(self.subject, cb=on_msg)
@@ -116,6 +120,23 @@ class StatusWatcher:
             if not names or names[-1] != status.status:
                 names.append(status.status)
         return names
+
+    def wait_raw(self, predicate: Callable[[bytes], bool], timeout: float = 20.0) -> bytes:
+        """The first message body matching ``predicate`` (any subject's format)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for body in self.raw:
+                    if predicate(body):
+                        return body
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no matching message within {timeout}s")
+                self._changed.wait(remaining)
+
+    def raw_messages(self) -> list[bytes]:
+        with self._changed:
+            return list(self.raw)
 
     def mark(self) -> int:
         return len(self.statuses)

@@ -1,0 +1,102 @@
+"""Forwards OTA statuses: to a NATS subject (JSON or SenML) and/or a JSON-lines file.
+
+Configured from the ``[status_forwarder]`` table of ``agent.toml``::
+
+    [status_forwarder]
+    subject = "events.data"     # "" to not publish
+    format = "senml"            # or "json" (the five-key payload)
+    file = "/var/log/connhex/ota-status.jsonl"   # optional
+    only_changes = true         # skip heartbeats that repeat the last status
+    name = "ota"                # SenML base name prefix
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from connhex_edge_ota import hookimpl
+from connhex_edge_ota.bus import Bus
+from connhex_edge_ota.config import ConfigError, read_toml
+from connhex_edge_ota.lifecycle import Agent
+from connhex_edge_ota.status import Status
+
+TABLE = "status_forwarder"
+PUBLISH_TIMEOUT = 5.0
+
+
+class ForwarderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subject: str = "events.data"
+    format: Literal["senml", "json"] = "senml"
+    file: Path | None = None
+    only_changes: bool = True
+    name: str = "ota"
+
+
+def load_config(table: dict[str, Any]) -> ForwarderConfig:
+    try:
+        return ForwarderConfig.model_validate(table)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"]) or "?"
+        raise ConfigError(f"config error: [{TABLE}] {key}: {error['msg']}") from None
+
+
+def senml(status: Status, name: str, now: float) -> list[dict[str, Any]]:
+    """The status as a SenML pack (RFC 8428): one string record per payload key."""
+    records: list[dict[str, Any]] = [
+        {"bn": f"{name}:", "bt": now, "n": key, "vs": value}
+        for key, value in status.payload().items()
+    ]
+    for record in records[1:]:
+        del record["bn"], record["bt"]
+    return records
+
+
+class StatusForwarder:
+    def __init__(self) -> None:
+        self.config = ForwarderConfig()
+        self._bus: Bus | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last: Status | None = None
+        self._lock = threading.Lock()
+
+    @hookimpl
+    def agent_configure(self, agent: Agent) -> None:
+        table = read_toml(agent.config_path).get(TABLE, {})
+        self.config = load_config(table if isinstance(table, dict) else {})
+
+    @hookimpl
+    def agent_start(self, agent: Agent) -> None:
+        self._bus = agent.bus
+        self._loop = asyncio.get_running_loop()
+
+    def encode(self, status: Status) -> bytes:
+        if self.config.format == "json":
+            return json.dumps(status.payload()).encode()
+        return json.dumps(senml(status, self.config.name, time.time())).encode()
+
+    @hookimpl
+    def ota_on_status(self, status: Status) -> None:
+        # Called from a worker thread: statuses may arrive from two at once.
+        with self._lock:
+            if self.config.only_changes and status == self._last:
+                return
+            self._last = status
+            if self.config.file is not None:
+                with self.config.file.open("a") as file:
+                    file.write(json.dumps(status.payload()) + "\n")
+            if self.config.subject and self._bus is not None and self._loop is not None:
+                publish = self._bus.publish(self.config.subject, self.encode(status))
+                asyncio.run_coroutine_threadsafe(publish, self._loop).result(PUBLISH_TIMEOUT)
+
+
+plugin = StatusForwarder()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -41,28 +42,50 @@ class LoadedPlugin:
     """Why it was not loaded ("" when it was)."""
 
 
+def _names(config_path: Path | None, key: str) -> list[str]:
+    """The list of names at ``[agent] <key>`` (empty when absent)."""
+    if config_path is None:
+        return []
+    agent_table = read_toml(config_path).get("agent", {})
+    listed = agent_table.get(key, []) if isinstance(agent_table, dict) else []
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise ConfigError(f"config error: [agent] {key}: expected a list of names")
+    return listed
+
+
 def blocked_plugins(config_path: Path | None) -> set[str]:
     """Names blocked by ``[agent] blocked_plugins`` and ``$CONNHEX_AGENT_BLOCKED_PLUGINS``."""
-    names: set[str] = set()
     env = os.environ.get(BLOCKED_ENV, "")
-    names.update(n.strip() for n in env.split(",") if n.strip())
-    if config_path is not None:
-        agent_table = read_toml(config_path).get("agent", {})
-        listed = agent_table.get("blocked_plugins", []) if isinstance(agent_table, dict) else []
-        if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-            raise ConfigError("config error: [agent] blocked_plugins: expected a list of names")
-        names.update(listed)
-    return names
+    return {n.strip() for n in env.split(",") if n.strip()} | set(
+        _names(config_path, "blocked_plugins")
+    )
+
+
+def host_plugin_manager(
+    config_path: Path | None,
+) -> tuple[pluggy.PluginManager, list[LoadedPlugin]]:
+    """The plugin manager the reference host builds from the ``[agent]`` table.
+
+    ``[agent] plugins`` names modules to load besides the entry points (plugins
+    not installed as distributions, e.g. during development); ``blocked_plugins``
+    and ``$CONNHEX_AGENT_BLOCKED_PLUGINS`` keep plugins out by name.
+    """
+    return plugin_manager(
+        blocked=blocked_plugins(config_path), modules=_names(config_path, "plugins")
+    )
 
 
 def plugin_manager(
-    blocked: Iterable[str] = (), plugins: Iterable[tuple[str, object]] = ()
+    blocked: Iterable[str] = (),
+    plugins: Iterable[tuple[str, object]] = (),
+    modules: Iterable[str] = (),
 ) -> tuple[pluggy.PluginManager, list[LoadedPlugin]]:
     """A plugin manager for the ``connhex_edge`` project, built in a fixed order.
 
     Specs first, then blocked names, then the group's entry points (each on its
-    own: one that fails to import is logged and skipped), then ``plugins``
-    given by the caller, then a check that every hook implemented is known.
+    own: one that fails to import is logged and skipped), then ``modules`` by
+    import name (the same way), then ``plugins`` given by the caller, then a
+    check that every hook implemented is known.
     """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(lifecycle)
@@ -86,6 +109,16 @@ def plugin_manager(
             loaded.append(LoadedPlugin(ep.name, dist, dist_version, f"{type(exc).__name__}: {exc}"))
             continue
         loaded.append(LoadedPlugin(ep.name, dist, dist_version))
+    for module in modules:
+        if pm.is_blocked(module) or pm.get_plugin(module) is not None:
+            continue
+        try:
+            pm.register(importlib.import_module(module), name=module)
+        except Exception as exc:
+            log.error("plugin module %s not loaded: %s", module, exc)
+            loaded.append(LoadedPlugin(module, "(module)", "", f"{type(exc).__name__}: {exc}"))
+            continue
+        loaded.append(LoadedPlugin(module, "(module)", ""))
     for name, plugin in plugins:
         pm.register(plugin, name=name)
     _drop_invalid(pm, loaded)
@@ -200,7 +233,7 @@ def run_agent(config_path: Path) -> int:
     """Run the reference host until SIGTERM/SIGINT; the process exit code."""
     # The addon's own table first: a bad config is one line, before any plugin talks.
     load_settings(config_path).require_server()
-    pm, _loaded = plugin_manager(blocked=blocked_plugins(config_path))
+    pm, _loaded = host_plugin_manager(config_path)
     agent = ReferenceAgent(config_path, pm)
     agent.configure()
     log.info("connhex-edge-ota %s running (config %s)", __version__, config_path)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from connhex_edge_ota import __version__
-from connhex_edge_ota.agent import blocked_plugins, plugin_manager, run_agent
+from connhex_edge_ota.agent import host_plugin_manager, run_agent
 from connhex_edge_ota.archive import ArchiveError, Limits
 from connhex_edge_ota.config import ConfigError, config_path, load_settings
 from connhex_edge_ota.status import Status
@@ -113,7 +113,7 @@ def _step(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     settings = load_settings(path)
     settings.require_server()
-    pm, _ = plugin_manager(blocked=blocked_plugins(path))
+    pm, _ = host_plugin_manager(path)
     store = Store(settings.store_dir)
     try:
         store.lock()
@@ -202,7 +202,7 @@ def _progress_printer() -> Callable[[int, int], None]:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    _pm, loaded = plugin_manager(blocked=blocked_plugins(config_path(args.config)))
+    _pm, loaded = host_plugin_manager(config_path(args.config))
     for plugin in loaded:
         state = plugin.error or "loaded"
         print(f"{plugin.name}\t{plugin.distribution} {plugin.version}\t{state}")

@@ -120,3 +120,58 @@ def test_plugin_with_unknown_hook_is_dropped_not_fatal() -> None:
 
     pm = manager(("typo", Typo()), ("allow", Allow()))
     assert pm.get_plugin("typo") is None and pm.get_plugin("allow") is not None
+
+
+RECORDER = """
+import json, os
+from connhex_edge_ota import hookimpl
+
+def _record(name):
+    with open(os.environ["RECORDER_LOG"], "a") as f:
+        f.write(name + "\\n")
+
+@hookimpl
+def agent_addhooks(pluginmanager):
+    _record("agent_addhooks")
+
+@hookimpl
+def agent_configure(agent):
+    _record("agent_configure")
+
+@hookimpl
+def agent_start(agent):
+    _record("agent_start")
+
+@hookimpl
+def agent_stop(agent):
+    _record("agent_stop")
+
+@hookimpl
+def agent_restart(agent, reason):
+    _record("agent_restart")
+    return None  # let the reference host restart
+"""
+
+
+def test_lifecycle_hooks_fire_in_order_across_a_self_restart(
+    ota_agent: Any,
+    release_server: Any,
+    make_release: Any,
+    statuses: Any,
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    log = tmp_path / "lifecycle.log"
+    release_server.releases.publish(make_release("2.0.0", update_sh="exit 10\n"))
+    agent = ota_agent(
+        auto_install=True,
+        extra_tables={"agent": {"plugins": ["recorder"]}},
+        env={"PYTHONPATH": str(tmp_path), "RECORDER_LOG": str(log)},
+    )
+    updated = statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "2.0.0")
+    # The re-executed agent checks first thing: wait for that round to end.
+    again = statuses.wait_status("checking", after=statuses.statuses.index(updated))
+    statuses.wait_status("updated", after=statuses.statuses.index(again))
+    agent.stop()
+    once = ["agent_addhooks", "agent_configure", "agent_start"]
+    assert log.read_text().split() == [*once, "agent_restart", "agent_stop", *once, "agent_stop"]

@@ -144,3 +144,76 @@ def test_unreachable_server_reports_check_failed_and_retries(
     # It retries by itself (backoff, capped by the 1 s interval): a second round comes.
     mark = statuses.statuses.index(first) + 1
     statuses.wait_status("checking", after=mark, timeout=5)
+
+
+def test_broken_and_slow_plugins_do_not_stop_an_update(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+) -> None:
+    release_server.releases.publish(make_release("5.0.0", files={"p.bin": b"x" * 300_000}))
+    release_server.faults.rate = 300_000  # a one-second download: progress hooks fire
+    agent = ota_agent(
+        auto_install=True,
+        hook_timeout="500ms",
+        heartbeat_interval="200ms",
+        env={
+            "CONNHEX_DUMMY_SLEEP": "30",
+            "CONNHEX_DUMMY_SLEEP_HOOKS": "ota_on_status,ota_on_progress",
+            "CONNHEX_DUMMY_RAISE": "ota_post_install",
+        },
+    )
+    failed = statuses.wait_status("update_failed")
+    assert failed.error == (
+        "health check failed: dummy-veto: raised RuntimeError: ota_post_install raised on purpose"
+    )
+    agent.stop()
+    mark = statuses.mark()
+    # Without the raising health check, the hanging status and progress hooks hold nothing up.
+    started = time.monotonic()
+    ota_agent(
+        auto_install=True,
+        hook_timeout="500ms",
+        heartbeat_interval="200ms",
+        env={
+            "CONNHEX_DUMMY_SLEEP": "30",
+            "CONNHEX_DUMMY_SLEEP_HOOKS": "ota_on_status,ota_on_progress",
+        },
+    )
+    # The version failed once: it waits for an operator, who asks for it.
+    assert "failed 1 time(s)" in statuses.wait_status("update_failed", after=mark).error
+    statuses.request("install")
+    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "5.0.0", after=mark)
+    assert time.monotonic() - started < 15
+    beats = statuses.mark()
+    statuses.wait_for(lambda s: True, after=beats + 2, timeout=5)  # heartbeats go on
+
+
+def test_slow_pre_install_counts_as_a_veto(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+) -> None:
+    release_server.releases.publish(make_release("5.1.0"))
+    ota_agent(
+        auto_install=True,
+        hook_timeout="300ms",
+        env={"CONNHEX_DUMMY_SLEEP": "30", "CONNHEX_DUMMY_SLEEP_HOOKS": "ota_pre_install"},
+    )
+    vetoed = statuses.wait_for(lambda s: s.status == "update_ready" and s.error != "")
+    assert vetoed.error == "install vetoed by dummy-veto: no answer within 0.3s"
+
+
+def test_download_veto_defers_to_the_next_check(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+) -> None:
+    release_server.releases.publish(make_release("5.2.0"))
+    ota_agent(auto_download=True, env={"CONNHEX_DUMMY_VETO_DOWNLOAD": "metered link"})
+    vetoed = statuses.wait_for(lambda s: s.status == "update_available" and s.error != "")
+    assert vetoed.error == "download vetoed by dummy-veto: metered link"
+    assert not any(r.method == "GET" for r in release_server.releases.requests)

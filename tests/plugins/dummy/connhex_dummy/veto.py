@@ -3,8 +3,9 @@
 - ``CONNHEX_DUMMY_VETO_INSTALL``: when set, ``ota_pre_install`` returns it (a veto);
 - ``CONNHEX_DUMMY_VETO_DOWNLOAD``: the same for ``ota_pre_download``;
 - ``CONNHEX_DUMMY_UNHEALTHY``: when set, ``ota_post_install`` returns it;
-- ``CONNHEX_DUMMY_RAISE``: a hook name whose implementation raises;
-- ``CONNHEX_DUMMY_SLEEP``: seconds every hook sleeps first (a slow plugin);
+- ``CONNHEX_DUMMY_RAISE``: hook names (comma-separated) whose implementation raises;
+- ``CONNHEX_DUMMY_SLEEP``: seconds a hook sleeps first (a slow plugin), for the
+  hooks named in ``CONNHEX_DUMMY_SLEEP_HOOKS`` (comma-separated; default all);
 - ``CONNHEX_DUMMY_LOG``: a file that gets one JSON line per call.
 """
 
@@ -26,8 +27,10 @@ def _record(hook: str, **fields: Any) -> None:
 
 
 def _common(hook: str) -> None:
-    time.sleep(float(os.environ.get("CONNHEX_DUMMY_SLEEP", "0")))
-    if os.environ.get("CONNHEX_DUMMY_RAISE") == hook:
+    slow = os.environ.get("CONNHEX_DUMMY_SLEEP_HOOKS", "")
+    if not slow or hook in slow.split(","):
+        time.sleep(float(os.environ.get("CONNHEX_DUMMY_SLEEP", "0")))
+    if hook in os.environ.get("CONNHEX_DUMMY_RAISE", "").split(","):
         raise RuntimeError(f"{hook} raised on purpose")
 
 

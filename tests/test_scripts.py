@@ -1,0 +1,59 @@
+"""The script runner on its own: exit codes, signals, bounded logs, pruning."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from connhex_edge_ota import scripts
+from connhex_edge_ota.scripts import prune_logs, run_script
+
+
+def run(tmp_path: Path, body: str, timeout: float = 10) -> scripts.ScriptResult:
+    (tmp_path / "update.sh").write_text(body)
+    return asyncio.run(
+        run_script(
+            "update.sh",
+            tmp_path,
+            {"PATH": scripts.SAFE_PATH},
+            timeout,
+            tmp_path / "out.log",
+            exit_file=tmp_path / "exit",
+        )
+    )
+
+
+def test_exit_codes_and_the_recorded_status(tmp_path: Path) -> None:
+    assert run(tmp_path, "exit 0\n").ok
+    result = run(tmp_path, "exit 10\n")
+    assert result.ok and result.restart
+    assert (tmp_path / "exit").read_text().strip() == "10"
+    failed = run(tmp_path, "echo one\necho two\nexit 7\n")
+    assert not failed.ok and failed.describe() == "update.sh exited with 7: one | two"
+
+
+def test_a_signal_is_a_failure(tmp_path: Path) -> None:
+    result = run(tmp_path, "kill -9 $$\n")
+    assert not result.ok
+    # The wrapper shell reports its child's death by signal as 128 + 9.
+    assert result.code == 137 or result.signal == 9
+
+
+def test_output_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scripts, "LOG_LIMIT", 10_000)
+    run(tmp_path, "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done\n")
+    log = (tmp_path / "out.log").read_bytes()
+    assert len(log) < 10_200 and log.endswith(b"[output truncated]\n")
+
+
+def test_old_logs_are_pruned(tmp_path: Path) -> None:
+    for i in range(5):
+        path = tmp_path / f"{i}.log"
+        path.write_text("x")
+        os.utime(path, (time.time() + i, time.time() + i))
+    prune_logs(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.glob("*.log")) == ["3.log", "4.log"]

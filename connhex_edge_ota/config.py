@@ -11,10 +11,11 @@ import difflib
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     Field,
     SecretStr,
@@ -219,6 +220,32 @@ def read_toml(path: Path) -> dict[str, Any]:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config error: {path}: {exc}") from None
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def plugin_table(path: Path | None, table: str) -> dict[str, Any]:
+    """The ``[table]`` of the agent's TOML file for a plugin's own settings ({} when absent)."""
+    found = read_toml(path).get(table, {}) if path is not None else {}
+    if not isinstance(found, dict):
+        raise ConfigError(f"config error: {path}: [{table}] must be a table")
+    return found
+
+
+def load_table(model: type[ModelT], table: str, values: dict[str, Any]) -> ModelT:
+    """``values`` validated as ``model``, or ConfigError in one line naming ``[table] key``.
+
+    For plugin authors: ``load_table(MyConfig, "my_table", plugin_table(path, "my_table"))``.
+    """
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"]) or "?"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        shown = f" = {values[key]!r}" if key in values else ""
+        raise ConfigError(f"config error: [{table}] {key}{shown}: {message}") from None
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> OtaSettings:

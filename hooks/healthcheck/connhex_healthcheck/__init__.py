@@ -20,10 +20,10 @@ import time
 from typing import Annotated, Any
 
 import requests
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from connhex_edge_ota import hookimpl
-from connhex_edge_ota.config import ConfigError, read_toml
+from connhex_edge_ota.config import load_table, plugin_table
 from connhex_edge_ota.duration import parse_duration
 from connhex_edge_ota.lifecycle import Agent
 from connhex_edge_ota.release import Release
@@ -43,12 +43,7 @@ class HealthcheckConfig(BaseModel):
 
 
 def load_config(table: dict[str, Any]) -> HealthcheckConfig:
-    try:
-        return HealthcheckConfig.model_validate(table)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"]) or "?"
-        raise ConfigError(f"config error: [{TABLE}] {key}: {error['msg']}") from None
+    return load_table(HealthcheckConfig, TABLE, table)
 
 
 def run_command(command: str, timeout: float, release: Release) -> str:
@@ -85,8 +80,7 @@ class Healthcheck:
 
     @hookimpl
     def agent_configure(self, agent: Agent) -> None:
-        table = read_toml(agent.config_path).get(TABLE, {})
-        self.config = load_config(table if isinstance(table, dict) else {})
+        self.config = load_config(plugin_table(agent.config_path, TABLE))
 
     def failures(self, release: Release) -> list[str]:
         found = [run_command(c, self.config.timeout, release) for c in self.config.commands]

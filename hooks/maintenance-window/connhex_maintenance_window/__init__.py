@@ -21,7 +21,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from connhex_edge_ota import hookimpl
-from connhex_edge_ota.config import ConfigError, read_toml
+from connhex_edge_ota.config import ConfigError, plugin_table
 from connhex_edge_ota.lifecycle import Agent
 from connhex_edge_ota.release import Release
 
@@ -147,8 +147,7 @@ class MaintenanceWindow:
 
     @hookimpl
     def agent_configure(self, agent: Agent) -> None:
-        table = read_toml(agent.config_path).get(TABLE, {})
-        self.schedule, self.gate_downloads = load_schedule(table if isinstance(table, dict) else {})
+        self.schedule, self.gate_downloads = load_schedule(plugin_table(agent.config_path, TABLE))
 
     def veto(self, now: datetime | None = None) -> str | None:
         if not self.schedule.windows:

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from connhex_edge_ota import hookimpl
 from connhex_edge_ota.bus import Bus
-from connhex_edge_ota.config import ConfigError, read_toml
+from connhex_edge_ota.config import load_table, plugin_table
 from connhex_edge_ota.lifecycle import Agent
 from connhex_edge_ota.status import Status
 
@@ -42,12 +42,7 @@ class ForwarderConfig(BaseModel):
 
 
 def load_config(table: dict[str, Any]) -> ForwarderConfig:
-    try:
-        return ForwarderConfig.model_validate(table)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"]) or "?"
-        raise ConfigError(f"config error: [{TABLE}] {key}: {error['msg']}") from None
+    return load_table(ForwarderConfig, TABLE, table)
 
 
 def senml(status: Status, name: str, now: float) -> list[dict[str, Any]]:
@@ -71,8 +66,7 @@ class StatusForwarder:
 
     @hookimpl
     def agent_configure(self, agent: Agent) -> None:
-        table = read_toml(agent.config_path).get(TABLE, {})
-        self.config = load_config(table if isinstance(table, dict) else {})
+        self.config = load_config(plugin_table(agent.config_path, TABLE))
 
     @hookimpl
     def agent_start(self, agent: Agent) -> None:

@@ -64,6 +64,8 @@ class Faults:
     rate: float | None = None
     """Bytes per second, to make a transfer last."""
     ignore_range: bool = False
+    refuse_range: bool = False
+    """Answer every ``Range`` request with 416."""
     swap_after_head: Path | None = None
     """Publish this file right after the next HEAD (the release changes before GET)."""
 
@@ -161,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if match and not faults.ignore_range:
             start = int(match.group(1))
-            if start >= release.size:
+            if start >= release.size or faults.refuse_range:
                 return self._empty(
                     seen,
                     HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE,

@@ -197,3 +197,35 @@ def test_hostile_version_header_is_refused(tmp_path: Path, release_server: Relea
     device = Device(tmp_path, release_server)
     with pytest.raises(ServerError, match="refused release"):
         device.offer()
+
+
+def test_416_drops_the_partial_and_the_next_try_starts_over(
+    tmp_path: Path, release_server: ReleaseServer
+) -> None:
+    publish(release_server, "2.0", MIB)
+    device = Device(tmp_path, release_server)
+    release = device.offer()
+    release_server.faults.cut_at = MIB // 2
+    with pytest.raises(ServerError):
+        device.download(release)
+    release_server.faults.refuse_range = True
+    with pytest.raises(ServerError, match="416"):
+        device.download(release)
+    assert not release.path.with_name(release.path.name + ".part").exists()
+    device.partial = None
+    assert device.download(release) == release.size
+
+
+def test_after_a_reboot_only_fsynced_bytes_are_kept(
+    tmp_path: Path, release_server: ReleaseServer
+) -> None:
+    publish(release_server, "2.0", 6 * MIB)
+    device = Device(tmp_path, release_server)
+    release = device.offer()
+    release_server.faults.cut_at = 5 * MIB  # past the first 4 MiB checkpoint
+    with pytest.raises(ServerError):
+        device.download(release)
+    assert device.partial is not None and device.partial.durable == 4 * MIB
+    device.partial = device.partial.model_copy(update={"boot_id": "an-earlier-boot"})
+    device.download(release)
+    assert release_server.releases.requests[-1].headers["Range"] == f"bytes={4 * MIB}-"

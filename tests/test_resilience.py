@@ -294,3 +294,26 @@ def test_progress_hook_rate_is_bounded_and_cli_prints_plain_lines(
     calls = [c for c in read_calls(dummy_log) if c["hook"] == "ota_on_progress"]
     assert calls[-1]["downloaded"] == calls[-1]["total"] == release.stat().st_size
     assert 2 <= len(calls) <= 5 * elapsed + 2
+
+
+def test_agent_updates_while_nats_is_down_and_reports_once_it_is_up(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+) -> None:
+    from connhex_edge_ota.natsserver import NatsServer, free_port
+
+    release_server.releases.publish(make_release("9.9.0"))
+    late = NatsServer(port=free_port())
+    agent = ota_agent(auto_install=True, nats_url=late.url)
+    state = agent.store / "state.json"
+    wait_until(lambda: state.exists() and json.loads(state.read_text())["status"] == "updated")
+    assert json.loads(state.read_text())["current_version"] == "9.9.0"
+    with late:
+        watcher = StatusWatcher(late.url).start()
+        try:
+            beat = watcher.wait_status("updated", timeout=15)  # heartbeats resume
+            assert beat.current_version == "9.9.0"
+            assert watcher.request("status")["status"]["current_version"] == "9.9.0"
+        finally:
+            watcher.close()

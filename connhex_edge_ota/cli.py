@@ -129,12 +129,7 @@ def _step(args: argparse.Namespace) -> int:
         )
         service.open()
         await service.recover()
-        verbs: dict[str, Callable[[], object]] = {
-            "check": service.check,
-            "download": service._operator_download,
-            "install": lambda: service.install(operator=True),
-        }
-        result = await verbs[args.command]()  # type: ignore[misc]
+        result = await service.operator_step(args.command)
         service.server.close()
         print(
             json.dumps(

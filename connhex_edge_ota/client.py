@@ -43,6 +43,8 @@ class ServerError(Exception):
     """Seconds the server asked us to wait (``Retry-After``)."""
     permanent: bool = False
     """Retrying sooner than ``check_interval`` cannot help (401, 403, 404)."""
+    partial_dropped: bool = False
+    """The partial download was deleted: the next try starts from zero."""
 
     def __str__(self) -> str:
         return self.message
@@ -154,14 +156,21 @@ class Server:
         with response:
             if response.status_code == 412:
                 part.unlink(missing_ok=True)
-                raise ReleaseChanged("the release changed on the server (412); checking again")
+                raise ReleaseChanged(
+                    "the release changed on the server (412); checking again", partial_dropped=True
+                )
             if response.status_code == 416:
                 part.unlink(missing_ok=True)
-                raise ServerError("server refused the resume range (416); starting over")
+                raise ServerError(
+                    "server refused the resume range (416); starting over", partial_dropped=True
+                )
             if response.status_code == 206:
                 if not _range_starts_at(response.headers.get("Content-Range", ""), offset):
                     part.unlink(missing_ok=True)
-                    raise ServerError("server answered a range that does not match; starting over")
+                    raise ServerError(
+                        "server answered a range that does not match; starting over",
+                        partial_dropped=True,
+                    )
             elif response.status_code == 200:
                 if offset:
                     log.info(
@@ -182,7 +191,9 @@ class Server:
     def _finish(release: Release, part: Path, hasher: hashlib._Hash, received: int) -> int:
         if format_content_digest(hasher.digest()) != release.digest:
             part.unlink(missing_ok=True)
-            raise ServerError("digest mismatch: the downloaded file was deleted")
+            raise ServerError(
+                "digest mismatch: the downloaded file was deleted", partial_dropped=True
+            )
         part.replace(release.path)
         fsync_dir(release.path.parent)
         return received

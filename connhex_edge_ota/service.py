@@ -24,7 +24,7 @@ from connhex_edge_ota.installer import Installer, Outcome
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.schedule import Schedule
 from connhex_edge_ota.status import Status, StatusName, rfc3339_now, short_error
-from connhex_edge_ota.store import Offer, Partial, State, Store
+from connhex_edge_ota.store import Failure, Offer, Partial, State, Store
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ class Result:
 
 @dataclass
 class Job:
+    """An operator's step, queued behind whatever step runs now."""
+
     verb: str
-    operator: bool
     done: asyncio.Future[Result] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -140,7 +141,8 @@ class OtaService:
         return self.store.release(self.state.offer) if self.state.offer else None
 
     def _gave_up_on(self, version: str) -> bool:
-        return self.state.failures.get(version, 0) >= self.settings.max_install_attempts
+        failure = self.state.failures.get(version)
+        return failure is not None and failure.attempts >= self.settings.max_install_attempts
 
     async def check(self) -> Result:
         notice, self._notice = self._notice, ""
@@ -184,23 +186,27 @@ class OtaService:
         if self.state.ready and not self.store.zip_path(offer.version).is_file():
             self.state.ready = False
 
-    async def _report_offer(self, error: str = "") -> None:
+    async def _report_offer(self) -> None:
         offer = self.state.offer
         assert offer is not None
         if self._gave_up_on(offer.version):
-            attempts = self.state.failures[offer.version]
+            failure = self.state.failures[offer.version]
             await self._report(
                 StatusName.UPDATE_FAILED,
-                error
-                or f"{offer.version} failed {attempts} time(s); waiting for another release "
-                "or an operator's install",
+                f"{failure.error} ({offer.version} failed {failure.attempts} time(s); waiting "
+                "for another release or an operator's install)",
             )
         elif self.state.ready:
-            await self._report(StatusName.UPDATE_READY, error)
+            await self._report(StatusName.UPDATE_READY)
         else:
-            await self._report(StatusName.UPDATE_AVAILABLE, error)
+            await self._report(StatusName.UPDATE_AVAILABLE)
 
-    async def download(self) -> Result:
+    async def download(self, operator: bool = False) -> Result:
+        """Fetch the offered release; an operator's download checks first when needed."""
+        if operator and self.state.offer is None:
+            checked = await self.check()
+            if not checked:
+                return checked
         release = self._release()
         if release is None:
             return Result(False, "no update to download")
@@ -228,27 +234,25 @@ class OtaService:
                 self._progress_sink(release),
                 self._cancel,
             )
-        except ReleaseChanged as exc:
-            self.state.partial = None
-            self._last_failure = exc
-            await self._report(StatusName.DOWNLOAD_FAILED, str(exc))
-            return Result(False, str(exc))
         except ServerError as exc:
-            self._last_failure = exc
-            if "digest mismatch" in exc.message or "416" in exc.message:
-                self.state.partial = None
-            await self._report(StatusName.DOWNLOAD_FAILED, str(exc))
-            return Result(False, str(exc))
-        except OSError as exc:
-            self._last_failure = ServerError(f"download failed: {exc.strerror or exc}")
-            await self._report(StatusName.DOWNLOAD_FAILED, self._last_failure.message)
-            return Result(False, self._last_failure.message)
+            return await self._download_failed(exc)
+        except OSError as exc:  # the store itself (e.g. reading a partial file back)
+            return await self._download_failed(
+                ServerError(f"download failed: {exc.strerror or exc}")
+            )
         self._last_failure = None
         self.state.partial = None
         self.state.ready = True
         await self._notify_progress(release, release.size)
         await self._report(StatusName.UPDATE_READY)
         return Result(True)
+
+    async def _download_failed(self, failure: ServerError) -> Result:
+        self._last_failure = failure
+        if failure.partial_dropped:
+            self.state.partial = None
+        await self._report(StatusName.DOWNLOAD_FAILED, failure.message)
+        return Result(False, failure.message)
 
     def _save_partial(self, partial: Partial) -> None:
         # Called from the download thread: the state object is only read
@@ -318,8 +322,9 @@ class OtaService:
 
     async def _finish(self, release: Release, outcome: Outcome) -> Result:
         if not outcome.ok:
-            failures = self.state.failures
-            failures[release.version] = failures.get(release.version, 0) + 1
+            failure = self.state.failures.setdefault(release.version, Failure())
+            failure.attempts += 1
+            failure.error = outcome.error
             await self._report(StatusName.UPDATE_FAILED, outcome.error)
             return Result(False, outcome.error)
         self.state.current_version = release.version
@@ -378,30 +383,27 @@ class OtaService:
 
     def submit(self, verb: str) -> Job:
         """Queue an operator's step; its result arrives on ``job.done``."""
-        job = Job(verb, operator=True)
+        job = Job(verb)
         self._jobs.put_nowait(job)
         return job
 
-    async def _run_job(self, job: Job) -> None:
+    async def operator_step(self, verb: str) -> Result:
+        """``check``, ``download`` or ``install`` as an operator asks for it (NATS or CLI)."""
         steps: dict[str, Callable[[], Awaitable[Result]]] = {
             "check": self.check,
-            "download": self._operator_download,
+            "download": lambda: self.download(operator=True),
             "install": lambda: self.install(operator=True),
         }
         try:
-            result = await steps[job.verb]()
+            return await steps[verb]()
         except Exception as exc:
-            log.exception("%s failed", job.verb)
-            result = Result(False, f"{job.verb} failed: {type(exc).__name__}")
+            log.exception("%s failed", verb)
+            return Result(False, f"{verb} failed: {type(exc).__name__}")
+
+    async def _run_job(self, job: Job) -> None:
+        result = await self.operator_step(job.verb)
         if not job.done.done():
             job.done.set_result(result)
-
-    async def _operator_download(self) -> Result:
-        if self.state.offer is None:
-            checked = await self.check()
-            if not checked:
-                return checked
-        return await self.download()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set: recover, then check on schedule and run queued steps."""

@@ -65,6 +65,13 @@ class Install(BaseModel):
     phase: str = "update"  # "update" or "rollback"
 
 
+class Failure(BaseModel):
+    """Failed install attempts of one version, and why the last one failed."""
+
+    attempts: int = 0
+    error: str = ""
+
+
 class State(BaseModel):
     """Everything the service persists between runs (``state.json``)."""
 
@@ -79,8 +86,8 @@ class State(BaseModel):
     """The offer's zip is downloaded and verified."""
     partial: Partial | None = None
     install: Install | None = None
-    failures: dict[str, int] = Field(default_factory=dict)
-    """Failed install attempts per version."""
+    failures: dict[str, Failure] = Field(default_factory=dict)
+    """Failed installs per version."""
 
 
 class Busy(Exception):

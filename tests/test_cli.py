@@ -109,3 +109,52 @@ def test_check_by_hand_without_a_server_fails_with_1(tmp_path: Path) -> None:
     reply = json.loads(result.stdout)
     assert reply == {"ok": False, "error": "connection failed", "status": reply["status"]}
     assert reply["status"]["status"] == "check_failed"
+
+
+def test_download_shows_a_progress_bar_on_a_terminal(
+    make_release: Callable[..., Path], tmp_path: Path
+) -> None:
+    import pty
+
+    from connhex_edge_ota.server import ReleaseServer
+
+    folder = tmp_path / "releases"
+    folder.mkdir()
+    with ReleaseServer(folder) as server:
+        server.releases.publish(make_release("2.0.0", files={"p.bin": os.urandom(2_000_000)}))
+        server.faults.rate = 2_000_000
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f"[ota]\ninstall_dir = '{tmp_path}'\nserver_url = '{server.url}'\n"
+            "init_id = 'x'\nfree_space_margin = 0\n"
+        )
+        controller, terminal = pty.openpty()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "connhex_edge_ota",
+                "--log-level",
+                "ERROR",
+                "download",
+                "--config",
+                str(config),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+        )
+        os.close(terminal)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            seen += chunk
+        process.wait(30)
+        os.close(controller)
+    assert process.returncode == 0
+    assert b"\r[" in seen and b"100.0%" in seen  # redrawn in place, to the end

@@ -333,8 +333,12 @@ class OtaService:
         self._forget_offer()
         await self._report(StatusName.UPDATED)
         log.info("updated to %s", release.version)
-        if outcome.restart and self.on_restart is not None:
-            await self.on_restart(f"update.sh of {release.version} asked for a restart (exit 10)")
+        if outcome.restart:
+            reason = f"update.sh of {release.version} asked for a restart (exit 10)"
+            if self.on_restart is not None:
+                await self.on_restart(reason)
+            else:
+                log.warning("%s: restart the agent to complete the update", reason)
         return Result(True)
 
     async def recover(self) -> None:

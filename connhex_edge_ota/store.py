@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -96,7 +97,7 @@ class Busy(Exception):
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a power cut leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with tmp.open("wb") as file:
         file.write(data)
         file.flush()
@@ -131,6 +132,8 @@ class Store:
         self.current = root / "current"
         self.logs = root / "logs"
         self._lock_file: IO[bytes] | None = None
+        self._save_lock = threading.Lock()
+        """The download thread saves progress while the loop saves statuses."""
 
     def create(self) -> None:
         for folder in (self.root, self.downloads, self.logs):
@@ -183,7 +186,8 @@ class Store:
             return State(), f"state.json was corrupt ({reason}); moved to {aside.name}"
 
     def save(self, state: State) -> None:
-        write_atomic(self.state_file, state.model_dump_json(indent=1).encode())
+        with self._save_lock:
+            write_atomic(self.state_file, state.model_dump_json(indent=1).encode())
 
     # the lock
 

@@ -77,3 +77,23 @@ def test_paths_refuse_unsafe_versions(tmp_path: Path) -> None:
         store.zip_path("../../etc/passwd")
     assert store.zip_path("1.2.3") == store.downloads / "1.2.3.zip"
     assert json.loads(State().model_dump_json())["schema_version"] == 1
+
+
+def test_concurrent_saves_never_corrupt_the_file(tmp_path: Path) -> None:
+    import threading
+
+    store = Store(tmp_path / "ota")
+    store.create()
+
+    def hammer(version: str) -> None:
+        for _ in range(200):
+            store.save(State(current_version=version, error="x" * 2000))
+
+    threads = [threading.Thread(target=hammer, args=(str(i),)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    state, warning = store.load()
+    assert warning == "" and state.current_version in {"0", "1", "2", "3"}
+    assert not list(store.root.glob(".*.tmp"))

@@ -13,7 +13,7 @@ import asyncio
 import json
 
 from connhex_edge_ota.bus import Bus, Handler
-from connhex_edge_ota.service import OtaService
+from connhex_edge_ota.loop import UpdateLoop
 
 COMMAND_PREFIX = "commands.ota."
 VERBS = ("check", "download", "install", "status")
@@ -24,26 +24,26 @@ def subject(verb: str) -> str:
     return COMMAND_PREFIX + verb
 
 
-def _reply(service: OtaService, ok: bool, error: str = "", **extra: object) -> bytes:
-    body = {"ok": ok, "error": error, **extra, "status": service.status().payload()}
+def _reply(loop: UpdateLoop, ok: bool, error: str = "", **extra: object) -> bytes:
+    body = {"ok": ok, "error": error, **extra, "status": loop.service.status().payload()}
     return json.dumps(body).encode()
 
 
-async def serve(bus: Bus, service: OtaService) -> None:
-    """Answer the four command subjects on ``bus`` for ``service``."""
+async def serve(bus: Bus, loop: UpdateLoop) -> None:
+    """Answer the four command subjects on ``bus`` for the service ``loop`` runs."""
     for verb in VERBS:
-        await bus.serve(subject(verb), _handler(service, verb))
+        await bus.serve(subject(verb), _handler(loop, verb))
 
 
-def _handler(service: OtaService, verb: str) -> Handler:
+def _handler(loop: UpdateLoop, verb: str) -> Handler:
     async def handle(_request: bytes) -> bytes:
         if verb == "status":
-            return _reply(service, True)
-        job = service.submit(verb)
+            return _reply(loop, True)
+        job = loop.submit(verb)
         try:
             result = await asyncio.wait_for(asyncio.shield(job.done), REPLY_WITHIN)
         except TimeoutError:
-            return _reply(service, True, accepted=True)
-        return _reply(service, result.ok, result.error)
+            return _reply(loop, True, accepted=True)
+        return _reply(loop, result.ok, result.error)
 
     return handle

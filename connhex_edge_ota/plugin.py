@@ -15,6 +15,7 @@ from connhex_edge_ota import hookimpl, hookspecs
 from connhex_edge_ota.commands import serve
 from connhex_edge_ota.config import OtaSettings, load_settings
 from connhex_edge_ota.lifecycle import Agent
+from connhex_edge_ota.loop import UpdateLoop
 from connhex_edge_ota.service import OtaService
 from connhex_edge_ota.status import HEARTBEAT_SUBJECT, Status
 from connhex_edge_ota.store import Store
@@ -68,10 +69,12 @@ def agent_start(agent: Agent) -> None:
     service.open()
     addon.service = service
 
+    loop = UpdateLoop(service)
+
     async def run() -> None:
         try:
-            await serve(agent.bus, service)
-            await service.run(addon.stop)
+            await serve(agent.bus, loop)
+            await loop.run(addon.stop)
         finally:
             store.unlock()
 

@@ -1,8 +1,8 @@
-"""The update loop: check, download, install; one step at a time, each reported as a status.
+"""The update steps: check, download, install (and recover), each reported as a status.
 
-Steps come from the schedule (automatic) or from an operator (NATS command or
-CLI) and run one after another. Blocking work (HTTP, unpacking, plugin hooks)
-runs in threads, so heartbeats and commands keep flowing meanwhile.
+:mod:`connhex_edge_ota.loop` decides when they run. Blocking work (HTTP,
+unpacking, plugin hooks) runs in threads, so heartbeats and commands keep
+flowing meanwhile.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pluggy
 
 from connhex_edge_ota.calls import in_thread, notify, vetoes
-from connhex_edge_ota.client import ReleaseChanged, Server, ServerError
+from connhex_edge_ota.client import Server, ServerError
 from connhex_edge_ota.config import OtaSettings
 from connhex_edge_ota.installer import Installer, Outcome
 from connhex_edge_ota.release import Release
-from connhex_edge_ota.schedule import Schedule
 from connhex_edge_ota.status import Status, StatusName, rfc3339_now, short_error
 from connhex_edge_ota.store import Failure, Offer, Partial, State, Store
 
@@ -41,16 +40,6 @@ class Result:
 
     def __bool__(self) -> bool:
         return self.ok
-
-
-@dataclass
-class Job:
-    """An operator's step, queued behind whatever step runs now."""
-
-    verb: str
-    done: asyncio.Future[Result] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
 
 
 class OtaService:
@@ -73,17 +62,13 @@ class OtaService:
         self.reporters = list(reporters or [])
         self.on_restart = on_restart
         self.progress_printer = progress_printer
-        self.schedule = Schedule(
-            settings.check_interval, settings.check_jitter, settings.retry_floor
-        )
         self.state = State()
-        self._jobs: asyncio.Queue[Job] = asyncio.Queue()
         self._cancel = threading.Event()
         self._hook_queue: asyncio.Queue[Status] = asyncio.Queue(maxsize=100)
         self._notice = ""
         """Something to report once, with the first status (e.g. a corrupt state.json)."""
-        self._last_failure: ServerError | None = None
-        """The server failure of the current round, which sets the next delay."""
+        self.last_failure: ServerError | None = None
+        """The server's last failure in this round (it sets the delay before the next)."""
 
     # state and statuses
 
@@ -130,17 +115,29 @@ class OtaService:
     async def heartbeat(self) -> None:
         await self._publish(self.status())
 
-    async def _status_hooks(self) -> None:
+    async def deliver_status_hooks(self) -> None:
+        """Call ``ota_on_status`` for each status, in order, until cancelled."""
         while True:
             status = await self._hook_queue.get()
             await notify(self.pm, "ota_on_status", self.settings.hook_timeout, status=status)
+
+    async def status_hooks_idle(self) -> None:
+        while not self._hook_queue.empty():
+            await asyncio.sleep(0.05)
+
+    def cancel_transfer(self) -> None:
+        """Make a running download stop at its next chunk (it resumes later)."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        self.server.close()
 
     # steps
 
     def _release(self) -> Release | None:
         return self.store.release(self.state.offer) if self.state.offer else None
 
-    def _gave_up_on(self, version: str) -> bool:
+    def gave_up_on(self, version: str) -> bool:
         failure = self.state.failures.get(version)
         return failure is not None and failure.attempts >= self.settings.max_install_attempts
 
@@ -150,10 +147,10 @@ class OtaService:
         try:
             offer = await in_thread(self.server.check, self.state.current_version)
         except ServerError as exc:
-            self._last_failure = exc
+            self.last_failure = exc
             await self._report(StatusName.CHECK_FAILED, str(exc))
             return Result(False, str(exc))
-        self._last_failure = None
+        self.last_failure = None
         self.state.last_checked = rfc3339_now()
         if offer is None or offer.version == self.state.current_version:
             self.state.latest_version = self.state.current_version
@@ -189,7 +186,7 @@ class OtaService:
     async def _report_offer(self) -> None:
         offer = self.state.offer
         assert offer is not None
-        if self._gave_up_on(offer.version):
+        if self.gave_up_on(offer.version):
             failure = self.state.failures[offer.version]
             await self._report(
                 StatusName.UPDATE_FAILED,
@@ -240,7 +237,7 @@ class OtaService:
             return await self._download_failed(
                 ServerError(f"download failed: {exc.strerror or exc}")
             )
-        self._last_failure = None
+        self.last_failure = None
         self.state.partial = None
         self.state.ready = True
         await self._notify_progress(release, release.size)
@@ -248,7 +245,7 @@ class OtaService:
         return Result(True)
 
     async def _download_failed(self, failure: ServerError) -> Result:
-        self._last_failure = failure
+        self.last_failure = failure
         if failure.partial_dropped:
             self.state.partial = None
         await self._report(StatusName.DOWNLOAD_FAILED, failure.message)
@@ -296,7 +293,7 @@ class OtaService:
         release = self._release()
         if release is None:
             return Result(False, "no update to install")
-        if not operator and self._gave_up_on(release.version):
+        if not operator and self.gave_up_on(release.version):
             return Result(False, f"{release.version} failed before; not retried automatically")
         if not self.state.ready:
             fetched = await self.download()
@@ -358,39 +355,6 @@ class OtaService:
         outcome = await self.installer.recover(release, self.state, self._save, self._health)
         await self._finish(release, outcome)
 
-    # the loop
-
-    async def cycle(self) -> float:
-        """One automatic round; the delay before the next one."""
-        for _ in range(2):  # a release that changed mid-way is checked again at once
-            self._last_failure = None
-            await self.check()
-            offer = self.state.offer
-            if (
-                offer is None
-                or self._last_failure is not None
-                or not self.settings.downloads_enabled
-                or self._gave_up_on(offer.version)
-            ):
-                break
-            if not self.state.ready:
-                await self.download()
-                if isinstance(self._last_failure, ReleaseChanged):
-                    continue
-            if self.state.ready and self.settings.auto_install:
-                await self.install()
-            break
-        failure = self._last_failure
-        if failure is None:
-            return self.schedule.after_success()
-        return self.schedule.after_failure(failure.retry_after, failure.permanent)
-
-    def submit(self, verb: str) -> Job:
-        """Queue an operator's step; its result arrives on ``job.done``."""
-        job = Job(verb)
-        self._jobs.put_nowait(job)
-        return job
-
     async def operator_step(self, verb: str) -> Result:
         """``check``, ``download`` or ``install`` as an operator asks for it (NATS or CLI)."""
         steps: dict[str, Callable[[], Awaitable[Result]]] = {
@@ -403,56 +367,3 @@ class OtaService:
         except Exception as exc:
             log.exception("%s failed", verb)
             return Result(False, f"{verb} failed: {type(exc).__name__}")
-
-    async def _run_job(self, job: Job) -> None:
-        result = await self.operator_step(job.verb)
-        if not job.done.done():
-            job.done.set_result(result)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set: recover, then check on schedule and run queued steps."""
-        hooks = asyncio.create_task(self._status_hooks(), name="ota-status-hooks")
-        beats = asyncio.create_task(self._heartbeats(stop), name="ota-heartbeat")
-        worker = asyncio.create_task(self._work(), name="ota-loop")
-        try:
-            await stop.wait()
-        finally:
-            self._cancel.set()
-            for task in (worker, beats):
-                task.cancel()
-            await asyncio.gather(worker, beats, return_exceptions=True)
-            # Give status hooks a moment to see the last status, then stop them.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drain_hooks(), 1.0)
-            hooks.cancel()
-            await asyncio.gather(hooks, return_exceptions=True)
-            self.server.close()
-
-    async def _drain_hooks(self) -> None:
-        while not self._hook_queue.empty():
-            await asyncio.sleep(0.05)
-
-    async def _heartbeats(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(self.settings.heartbeat_interval)
-            if self.state.status:
-                await self.heartbeat()
-
-    async def _work(self) -> None:
-        await self.recover()
-        next_round = time.monotonic()
-        while True:
-            try:
-                job = await asyncio.wait_for(
-                    self._jobs.get(), max(0.0, next_round - time.monotonic())
-                )
-            except TimeoutError:
-                try:
-                    delay = await self.cycle()
-                except Exception:
-                    log.exception("update round failed")
-                    delay = self.schedule.after_failure()
-                log.debug("next check in %.1fs", delay)
-                next_round = time.monotonic() + delay
-                continue
-            await self._run_job(job)

@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from connhex_edge_ota.archive import (
     ROLLBACK_SCRIPT,
@@ -108,6 +109,7 @@ class Installer:
             return Outcome(False, f"release refused: {exc}")
         workdir = self.store.current
         self.store.exit_file().unlink(missing_ok=True)
+        self.store.group_file().unlink(missing_ok=True)
         result = await self._run(UPDATE_SCRIPT, release, previous, state, save)
         if not result.ok:
             return await self._fail(release, previous, state, save, result.describe())
@@ -134,6 +136,7 @@ class Installer:
         env = script_environment(workdir, previous, release.version, self.settings.install_timeout)
         log_path = self.store.log_path(release.version)
         exit_file = self.store.exit_file() if script == UPDATE_SCRIPT else None
+        group_file = self.store.group_file()
         try:
             return await run_script(
                 script,
@@ -143,6 +146,7 @@ class Installer:
                 log_path,
                 exit_file=exit_file,
                 on_start=started,
+                group_file=group_file,
             )
         finally:
             prune_logs(self.store.logs, self.settings.log_keep)
@@ -174,8 +178,9 @@ class Installer:
                 code = int(exit_file.read_text().strip())
             except (OSError, ValueError):
                 code = None
-        if code is None and interrupted.pgid and interrupted.boot_id == boot_id():
-            kill_group(interrupted.pgid)  # the script may outlive the agent that started it
+        pgid = interrupted.pgid or _read_int(self.store.group_file())
+        if code is None and pgid and interrupted.boot_id == boot_id():
+            kill_group(pgid)  # the script may outlive the agent that started it
         previous = interrupted.previous_version
         if not (self.store.current / UPDATE_SCRIPT).is_file():
             state.install = None
@@ -193,3 +198,10 @@ class Installer:
         reason = "interrupted" if code is None else f"update.sh exited with {code} (agent stopped)"
         exit_file.unlink(missing_ok=True)
         return await self._fail(release, previous, state, save, reason)
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0

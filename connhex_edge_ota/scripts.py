@@ -24,9 +24,11 @@ LOG_LIMIT = 1024 * 1024
 TAIL_LINES = 5
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# The wrapper records the script's exit status next to the log before exiting,
-# so that a restarted agent can finish an install whose agent died mid-way.
+# The wrapper records its process group before the script starts and the
+# script's exit status when it ends, so that a restarted agent can kill what a
+# dead agent left running, or finish an install whose script completed.
 _WRAPPER = (
+    'if [ -n "$3" ]; then echo $$ > "$3"; fi; '
     'sh "./$1"; code=$?; '
     'if [ -n "$2" ]; then printf "%s\\n" "$code" > "$2.tmp" && mv -f "$2.tmp" "$2"; fi; '
     "exit $code"
@@ -83,12 +85,15 @@ async def run_script(
     log_path: Path,
     exit_file: Path | None = None,
     on_start: Callable[[int], None] | None = None,
+    group_file: Path | None = None,
 ) -> ScriptResult:
     """Run ``sh <script>`` in ``workdir`` in its own process group, under ``timeout``.
 
     Output goes to ``log_path`` (appended, at most LOG_LIMIT bytes per run) and
     to the log; the last lines come back in the result. On timeout the whole
-    group gets SIGTERM, then SIGKILL after KILL_GRACE seconds.
+    group gets SIGTERM, then SIGKILL after KILL_GRACE seconds. ``exit_file``
+    receives the exit status and ``group_file`` the process group id (written
+    before the script starts).
     """
     result = ScriptResult(script=script, timeout=timeout)
     process = await asyncio.create_subprocess_exec(
@@ -98,6 +103,7 @@ async def run_script(
         "connhex-ota",
         script,
         str(exit_file) if exit_file else "",
+        str(group_file) if group_file else "",
         cwd=workdir,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,

@@ -152,6 +152,10 @@ class Store:
         """Where the script wrapper records the exit status of ``update.sh``."""
         return self.root / "update.exit"
 
+    def group_file(self) -> Path:
+        """Where the script wrapper records its process group before the script starts."""
+        return self.root / "update.pgid"
+
     def release(self, offer: Offer) -> Release:
         return Release(
             version=offer.version,

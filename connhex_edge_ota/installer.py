@@ -7,6 +7,7 @@ service owns the state and the statuses, and hands in the health gate.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import shutil
 import time
@@ -48,6 +49,12 @@ class Outcome:
     error: str = ""
     restart: bool = False
     """update.sh exited 10: the agent should restart."""
+    transient: bool = False
+    """Nothing wrong with the release (e.g. no space to unpack): not a failed attempt."""
+
+
+class NoSpace(Exception):
+    """Not enough room to unpack the release; it may fit later."""
 
 
 class Installer:
@@ -74,8 +81,13 @@ class Installer:
         need = unpacked_size(members) + self.settings.free_space_margin
         free = shutil.disk_usage(self.store.root).free
         if free < need:
-            raise ArchiveError(f"no space to unpack: {need} bytes needed, {free} free")
-        unpack(release.path, members, self.store.current, expected)
+            raise NoSpace(f"no space to unpack: {need} bytes needed, {free} free")
+        try:
+            unpack(release.path, members, self.store.current, expected)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace("no space left on device while unpacking") from None
+            raise
 
     async def install(
         self,
@@ -103,6 +115,10 @@ class Installer:
             return Outcome(False, f"cannot record the install in state.json: {exc.strerror}")
         try:
             await in_thread(self._check_and_unpack, release)
+        except NoSpace as exc:
+            state.install = None
+            save()
+            return Outcome(False, f"{exc}; will try again", transient=True)
         except (ArchiveError, OSError) as exc:
             state.install = None
             save()

@@ -319,9 +319,10 @@ class OtaService:
 
     async def _finish(self, release: Release, outcome: Outcome) -> Result:
         if not outcome.ok:
-            failure = self.state.failures.setdefault(release.version, Failure())
-            failure.attempts += 1
-            failure.error = outcome.error
+            if not outcome.transient:
+                failure = self.state.failures.setdefault(release.version, Failure())
+                failure.attempts += 1
+                failure.error = outcome.error
             await self._report(StatusName.UPDATE_FAILED, outcome.error)
             return Result(False, outcome.error)
         self.state.current_version = release.version

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.signing import keygen
@@ -256,3 +259,40 @@ def test_scripts_get_the_documented_environment_only(
     assert env["CHX_OTA_TIMEOUT_SEC"] == "120"
     assert "LEAKY_SECRET" not in env and "CONNHEX_OTA_INIT_KEY" not in env
     assert env["PATH"].startswith("/usr/local/sbin:")
+
+
+def test_no_space_to_unpack_fails_without_running_and_is_retried(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("needs a small filesystem: mounting a tmpfs is not allowed here")
+    try:
+        ran = tmp_path / "ran"
+        # Hex text: about 2:1 in a zip, so the download fits and the unpacked tree does not.
+        payload = os.urandom(4 * 1024 * 1024).hex().encode()
+        release_server.releases.publish(
+            make_release("10.0.0", update_sh=f'touch "{ran}"\n', files={"payload.txt": payload})
+        )
+        agent = ota_agent(auto_install=True, install_dir=str(disk), check_interval="1s")
+        failed = statuses.wait_status("update_failed")
+        assert failed.error.startswith("no space to unpack: ") and "will try again" in failed.error
+        assert not ran.exists() and not (agent.store / "current").exists()
+        # Not counted as a failed attempt: the next check tries again by itself.
+        again = statuses.wait_status("updating", after=statuses.statuses.index(failed))
+        assert again.latest_version == "10.0.0"
+        state = json.loads((agent.store / "state.json").read_text())
+        assert state["failures"] == {}
+        agent.kill()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

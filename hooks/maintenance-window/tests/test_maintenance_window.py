@@ -91,3 +91,13 @@ def test_install_deferred_outside_the_window_then_done_inside(
     )
     done = statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "2.0.0")
     assert datetime.now(ROME) >= opens and done.error == ""
+
+
+def test_daylight_saving_days() -> None:
+    plugin = schedule("daily 02:00-04:00")
+    # 2026-03-29: clocks jump from 02:00 to 03:00 in Rome; the window still opens at 03:xx.
+    assert plugin.veto(datetime(2026, 3, 29, 3, 30, tzinfo=ROME)) is None
+    assert plugin.veto(datetime(2026, 3, 29, 4, 30, tzinfo=ROME)) is not None
+    # 2026-10-25: 02:00-03:00 happens twice; both are inside.
+    assert plugin.veto(datetime(2026, 10, 25, 2, 30, fold=0, tzinfo=ROME)) is None
+    assert plugin.veto(datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=ROME)) is None

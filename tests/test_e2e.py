@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -152,7 +153,7 @@ def test_broken_and_slow_plugins_do_not_stop_an_update(
     make_release: Callable[..., Path],
     statuses: StatusWatcher,
 ) -> None:
-    release_server.releases.publish(make_release("5.0.0", files={"p.bin": b"x" * 300_000}))
+    release_server.releases.publish(make_release("5.0.0", files={"p.bin": os.urandom(300_000)}))
     release_server.faults.rate = 300_000  # a one-second download: progress hooks fire
     agent = ota_agent(
         auto_install=True,
@@ -217,3 +218,20 @@ def test_download_veto_defers_to_the_next_check(
     vetoed = statuses.wait_for(lambda s: s.status == "update_available" and s.error != "")
     assert vetoed.error == "download vetoed by dummy-veto: metered link"
     assert not any(r.method == "GET" for r in release_server.releases.requests)
+
+
+def test_heartbeats_keep_coming_during_download_and_install(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+) -> None:
+    release_server.releases.publish(
+        make_release("6.0.0", update_sh="sleep 2\n", files={"p.bin": os.urandom(600_000)})
+    )
+    release_server.faults.rate = 300_000  # a two-second download
+    ota_agent(auto_install=True, heartbeat_interval="200ms")
+    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "6.0.0")
+    seen = [s.status for s in statuses.statuses]
+    assert seen.count("downloading") >= 5  # one change + heartbeats every 200 ms
+    assert seen.count("updating") >= 5

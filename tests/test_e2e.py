@@ -9,9 +9,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.testing import OtaAgent, StatusWatcher
-from tests.conftest import read_calls
+from tests.conftest import read_calls, wait_until
 
 MARKER_UPDATE = 'echo "$CHX_OTA_VERSION_CURRENT>$CHX_OTA_VERSION_TARGET" > "{out}"\n'
 
@@ -124,13 +126,14 @@ def test_blocked_plugin_cannot_veto(
     statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "3.0.1")
 
 
-def test_sigterm_stops_within_two_seconds(
-    ota_agent: Callable[..., OtaAgent], statuses: StatusWatcher
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stops_within_two_seconds(
+    ota_agent: Callable[..., OtaAgent], statuses: StatusWatcher, sig: signal.Signals
 ) -> None:
     agent = ota_agent()
     statuses.wait_status("updated")
     started = time.monotonic()
-    code = agent.stop(signal.SIGTERM)
+    code = agent.stop(sig)
     assert code == 0
     assert time.monotonic() - started < 2.0
     assert "Traceback" not in agent.output()
@@ -235,3 +238,46 @@ def test_heartbeats_keep_coming_during_download_and_install(
     seen = [s.status for s in statuses.statuses]
     assert seen.count("downloading") >= 5  # one change + heartbeats every 200 ms
     assert seen.count("updating") >= 5
+
+
+def test_stop_mid_download_is_quick_and_keeps_the_partial(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+) -> None:
+    release_server.releases.publish(make_release("7.0.0", files={"p.bin": os.urandom(4_000_000)}))
+    release_server.faults.rate = 1_000_000
+    agent = ota_agent(auto_download=True)
+    statuses.wait_status("downloading")
+    time.sleep(0.5)  # let some bytes arrive: what is measured is the stop, not this wait
+    started = time.monotonic()
+    assert agent.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 2.0
+    parts = list((agent.store / "downloads").glob("*.part"))
+    assert parts and parts[0].stat().st_size > 0
+
+
+def test_stop_mid_install_is_quick_and_rolled_back_at_the_next_start(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    rolled, running = tmp_path / "rolled", tmp_path / "running"
+    release_server.releases.publish(
+        make_release(
+            "7.1.0", update_sh=f'touch "{running}"\nsleep 300\n', rollback_sh=f'touch "{rolled}"\n'
+        )
+    )
+    agent = ota_agent(auto_install=True)
+    wait_until(running.exists)
+    started = time.monotonic()
+    assert agent.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 2.0
+    mark = statuses.mark()
+    ota_agent()
+    failed = statuses.wait_status("update_failed", after=mark)
+    assert failed.error == "interrupted; rolled back"
+    assert failed.current_version == "1.0.0" and rolled.exists()

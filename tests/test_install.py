@@ -14,8 +14,7 @@ import pytest
 from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.signing import keygen
 from connhex_edge_ota.testing import OtaAgent, StatusWatcher
-from tests.conftest import read_calls
-from tests.test_resilience import wait_until
+from tests.conftest import read_calls, wait_until
 
 
 def alive(pid: int) -> bool:

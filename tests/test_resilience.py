@@ -16,21 +16,13 @@ import pytest
 
 from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.testing import OtaAgent, StatusWatcher
-from tests.conftest import read_calls
+from tests.conftest import read_calls, wait_until
 
 MIB = 1024 * 1024
 
 
 def payload_release(make_release: Callable[..., Path], version: str, size: int) -> Path:
     return make_release(version, files={"payload.bin": os.urandom(size)})
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def part_size(agent: OtaAgent) -> int:

@@ -9,7 +9,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from connhex_edge_ota.client import ReleaseChanged
 from connhex_edge_ota.schedule import Schedule
 from connhex_edge_ota.service import OtaService, Result
 
@@ -39,25 +38,17 @@ class UpdateLoop:
 
     async def cycle(self) -> float:
         """One automatic round; the delay before the next one."""
-        for _ in range(2):  # a release that changed mid-way is checked again at once
-            self.service.last_failure = None
-            await self.service.check()
-            offer = self.service.state.offer
-            if (
-                offer is None
-                or self.service.last_failure is not None
-                or not self.service.settings.downloads_enabled
-                or self.service.gave_up_on(offer.version)
-            ):
-                break
-            if not self.service.state.ready:
-                await self.service.download()
-                if isinstance(self.service.last_failure, ReleaseChanged):
-                    continue
-            if self.service.state.ready and self.service.settings.auto_install:
-                await self.service.install()
-            break
-        failure = self.service.last_failure
+        service = self.service
+        service.last_failure = None
+        await service.check()
+        offer = service.state.offer
+        wanted = service.settings.downloads_enabled and service.last_failure is None
+        if offer is not None and wanted and not service.gave_up_on(offer.version):
+            if not service.state.ready:
+                await service.download()
+            if service.state.ready and service.settings.auto_install:
+                await service.install()
+        failure = service.last_failure
         if failure is None:
             return self.schedule.after_success()
         return self.schedule.after_failure(failure.retry_after, failure.permanent)

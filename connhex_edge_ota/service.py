@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pluggy
 
 from connhex_edge_ota.calls import in_thread, notify, vetoes
-from connhex_edge_ota.client import Server, ServerError
+from connhex_edge_ota.client import ReleaseChanged, Server, ServerError
 from connhex_edge_ota.config import OtaSettings
 from connhex_edge_ota.installer import Installer, Outcome
 from connhex_edge_ota.release import Release
@@ -199,11 +199,26 @@ class OtaService:
             await self._report(StatusName.UPDATE_AVAILABLE)
 
     async def download(self, operator: bool = False) -> Result:
-        """Fetch the offered release; an operator's download checks first when needed."""
+        """Fetch the offered release; an operator's download checks first when needed.
+
+        A release that changed on the server since the check (412) is checked
+        again at once, and the new one fetched, a single time.
+        """
         if operator and self.state.offer is None:
             checked = await self.check()
             if not checked:
                 return checked
+        fetched = await self._fetch()
+        if not isinstance(self.last_failure, ReleaseChanged):
+            return fetched
+        checked = await self.check()
+        if not checked or self.state.offer is None:
+            return checked
+        if self.gave_up_on(self.state.offer.version):
+            return Result(False, f"{self.state.offer.version} failed before")
+        return await self._fetch()
+
+    async def _fetch(self) -> Result:
         release = self._release()
         if release is None:
             return Result(False, "no update to download")

@@ -229,3 +229,32 @@ def test_after_a_reboot_only_fsynced_bytes_are_kept(
     device.partial = device.partial.model_copy(update={"boot_id": "an-earlier-boot"})
     device.download(release)
     assert release_server.releases.requests[-1].headers["Range"] == f"bytes={4 * MIB}-"
+
+
+def test_connect_timeout_is_a_clear_failure(tmp_path: Path) -> None:
+    # A listener whose accept queue is full drops new SYNs: connecting hangs.
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(5):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        settings = load_settings(
+            None,
+            server_url=f"http://127.0.0.1:{port}",
+            init_id="dev",
+            install_dir=str(tmp_path),
+            connect_timeout="300ms",
+        )
+        with pytest.raises(ServerError, match=r"^connection timed out$"):
+            Server(settings).check("")
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()

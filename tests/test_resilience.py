@@ -309,3 +309,28 @@ def test_agent_updates_while_nats_is_down_and_reports_once_it_is_up(
             assert watcher.request("status")["status"]["current_version"] == "9.9.0"
         finally:
             watcher.close()
+
+
+def test_a_newer_release_replaces_a_partial_download_of_the_old_one(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+) -> None:
+    release_server.releases.publish(payload_release(make_release, "11.0.0", 2 * MIB))
+    release_server.faults.cut_at = MIB
+    agent = ota_agent(auto_download=True, retry_floor="1h")  # no automatic retry here
+    statuses.wait_status("download_failed")
+    assert (agent.store / "downloads" / "11.0.0.zip.part").exists()
+    release_server.releases.publish(payload_release(make_release, "11.0.1", MIB))
+    mark = statuses.mark()
+    # The command hits 412 on the old release, checks again and fetches the new one.
+    reply = statuses.request("download")
+    assert reply["ok"] is True and reply["status"]["status"] == "update_ready"
+    assert [r.status for r in release_server.releases.requests if r.method == "GET"][-2:] == [
+        412,
+        200,
+    ]
+    ready = statuses.wait_status("update_ready", after=mark)
+    assert ready.latest_version == "11.0.1"
+    assert sorted(p.name for p in (agent.store / "downloads").iterdir()) == ["11.0.1.zip"]

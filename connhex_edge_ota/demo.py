@@ -146,6 +146,11 @@ def run_demo(timeout: float = 30.0) -> int:
                 except subprocess.TimeoutExpired:
                     agent.kill()
             installed = root / "custom_services" / "new_service.py"
+            log = install_dir / ".store" / "ota" / "logs" / f"{DEMO_VERSION}.log"
+            if log.is_file():
+                print(f"demo: output of update.sh (kept in {log.relative_to(root)}):")
+                for line in log.read_text().splitlines():
+                    print(f"    {line}")
             if code == 0 and installed.is_file():
                 print(f"demo: update.sh installed {installed.name}; the device runs {DEMO_VERSION}")
                 return 0

@@ -133,7 +133,7 @@ class Server:
         mismatch deletes the file; a cut, a stall or a full disk keep it for the
         next try.
         """
-        part = release.path.with_name(release.path.name + ".part")
+        part = release.part_path
         offset = _resumable_bytes(part, partial)
         _check_space(part.parent, release.size - offset, self.settings.free_space_margin)
         hasher = _hash_prefix(part, offset)

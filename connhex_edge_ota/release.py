@@ -49,5 +49,10 @@ class Release:
     filename: str = ""
     """The server's file name (Content-Disposition), for display only."""
 
+    @property
+    def part_path(self) -> Path:
+        """Where the download grows until it is verified and renamed to ``path``."""
+        return self.path.with_name(self.path.name + ".part")
+
     def with_workdir(self, workdir: Path) -> Release:
         return dataclasses.replace(self, workdir=workdir)

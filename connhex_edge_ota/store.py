@@ -142,9 +142,6 @@ class Store:
     def zip_path(self, version: str) -> Path:
         return self.downloads / f"{check_version(version)}.zip"
 
-    def part_path(self, version: str) -> Path:
-        return self.downloads / f"{check_version(version)}.zip.part"
-
     def log_path(self, version: str) -> Path:
         return self.logs / f"{check_version(version)}.log"
 

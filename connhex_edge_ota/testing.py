@@ -113,6 +113,12 @@ class StatusWatcher:
     def wait_status(self, name: str, timeout: float = 20.0, after: int = 0) -> Status:
         return self.wait_for(lambda s: s.status == name, timeout, after)
 
+    def wait_updated(self, version: str, timeout: float = 20.0, after: int = 0) -> Status:
+        """The first ``updated`` status with ``current_version == version``."""
+        return self.wait_for(
+            lambda s: s.status == "updated" and s.current_version == version, timeout, after
+        )
+
     def names(self) -> list[str]:
         """The status names in order, with heartbeat repeats folded."""
         names: list[str] = []

@@ -118,7 +118,7 @@ def test_embed_example_runs_the_addon_in_another_host(
         text=True,
     )
     try:
-        statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "9.0.0")
+        statuses.wait_updated("9.0.0")
         assert statuses.request("status")["status"]["current_version"] == "9.0.0"
     finally:
         host.send_signal(signal.SIGTERM)

@@ -80,7 +80,7 @@ def test_cut_connection_resumes_with_range_and_if_match(
     release_server.faults.cut_at = release.size // 2
     with pytest.raises(ServerError, match="connection ended"):
         device.download(release)
-    part = release.path.with_name(release.path.name + ".part")
+    part = release.part_path
     kept = part.stat().st_size  # kept for the next try, less at most one unfinished chunk
     assert release.size // 2 - 64 * 1024 <= kept <= release.size // 2
 
@@ -135,7 +135,7 @@ def test_digest_mismatch_deletes_the_file(tmp_path: Path, release_server: Releas
     with pytest.raises(ServerError, match="digest mismatch"):
         device.download(release)
     assert not release.path.exists()
-    assert not release.path.with_name(release.path.name + ".part").exists()
+    assert not release.part_path.exists()
 
 
 def test_stalled_transfer_fails_and_resumes(tmp_path: Path, release_server: ReleaseServer) -> None:
@@ -211,7 +211,7 @@ def test_416_drops_the_partial_and_the_next_try_starts_over(
     release_server.faults.refuse_range = True
     with pytest.raises(ServerError, match="416"):
         device.download(release)
-    assert not release.path.with_name(release.path.name + ".part").exists()
+    assert not release.part_path.exists()
     device.partial = None
     assert device.download(release) == release.size
 

@@ -31,7 +31,7 @@ def test_full_cycle_installs_and_reports_every_step(
     release_server.releases.publish(release)
     agent = ota_agent(auto_install=True, env={"CONNHEX_DUMMY_LOG": str(dummy_log)})
 
-    done = statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "1.2.3")
+    done = statuses.wait_updated("1.2.3")
 
     assert done.latest_version == "1.2.3" and done.error == "" and done.last_checked.endswith("Z")
     assert statuses.names()[:6] == [
@@ -93,7 +93,7 @@ def test_no_auto_download_stops_at_update_available_until_commanded(
     statuses.wait_status("update_ready")
     reply = statuses.request("install")
     assert reply["ok"] is True
-    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "2.0.0")
+    statuses.wait_updated("2.0.0")
     assert statuses.request("status")["status"]["current_version"] == "2.0.0"
 
 
@@ -123,7 +123,7 @@ def test_blocked_plugin_cannot_veto(
         extra_tables={"agent": {"blocked_plugins": ["dummy-veto"]}},
         env={"CONNHEX_DUMMY_VETO_INSTALL": "no"},
     )
-    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "3.0.1")
+    statuses.wait_updated("3.0.1")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -188,7 +188,7 @@ def test_broken_and_slow_plugins_do_not_stop_an_update(
     # The version failed once: it waits for an operator, who asks for it.
     assert "failed 1 time(s)" in statuses.wait_status("update_failed", after=mark).error
     statuses.request("install")
-    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "5.0.0", after=mark)
+    statuses.wait_updated("5.0.0", after=mark)
     assert time.monotonic() - started < 15
     beats = statuses.mark()
     statuses.wait_for(lambda s: True, after=beats + 2, timeout=5)  # heartbeats go on
@@ -234,7 +234,7 @@ def test_heartbeats_keep_coming_during_download_and_install(
     )
     release_server.faults.rate = 300_000  # a two-second download
     ota_agent(auto_install=True, heartbeat_interval="200ms")
-    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "6.0.0")
+    statuses.wait_updated("6.0.0")
     seen = [s.status for s in statuses.statuses]
     assert seen.count("downloading") >= 5  # one change + heartbeats every 200 ms
     assert seen.count("updating") >= 5

@@ -92,7 +92,7 @@ def test_exit_10_updates_then_the_agent_restarts_itself(
 ) -> None:
     release_server.releases.publish(make_release("3.0.0", update_sh="echo restart me\nexit 10\n"))
     agent = ota_agent(auto_install=True)
-    updated = statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "3.0.0")
+    updated = statuses.wait_updated("3.0.0")
     # The re-executed agent checks right after its start, from the persisted version.
     after = statuses.wait_status("checking", after=statuses.statuses.index(updated))
     assert after.current_version == "3.0.0"
@@ -213,9 +213,7 @@ def test_kill_9_after_update_sh_recorded_success_is_finished(
 
     mark = statuses.mark()
     ota_agent()
-    done = statuses.wait_for(
-        lambda s: s.status == "updated" and s.current_version == "6.1.0", after=mark
-    )
+    done = statuses.wait_updated("6.1.0", after=mark)
     assert done.error == ""
 
 
@@ -235,7 +233,7 @@ def test_signed_releases_only_when_a_public_key_is_set(
     release_server.releases.publish(make_release("7.0.1", key=tmp_path / "k"))
     mark = statuses.mark()
     ota_agent(auto_install=True, public_key=(tmp_path / "k.pub").read_text())
-    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "7.0.1", after=mark)
+    statuses.wait_updated("7.0.1", after=mark)
 
 
 def test_scripts_get_the_documented_environment_only(
@@ -250,7 +248,7 @@ def test_scripts_get_the_documented_environment_only(
     agent = ota_agent(
         auto_install=True, install_timeout="2m", env={"LEAKY_SECRET": "should-not-pass"}
     )
-    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "8.0.0")
+    statuses.wait_updated("8.0.0")
     env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     assert env["CHX_OTA_PAYLOAD_DIR"] == str(agent.store / "current")
     assert env["CHX_OTA_VERSION_CURRENT"] == "1.0.0"

@@ -168,7 +168,7 @@ def test_lifecycle_hooks_fire_in_order_across_a_self_restart(
         extra_tables={"agent": {"plugins": ["recorder"]}},
         env={"PYTHONPATH": str(tmp_path), "RECORDER_LOG": str(log)},
     )
-    updated = statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "2.0.0")
+    updated = statuses.wait_updated("2.0.0")
     # The re-executed agent checks first thing: wait for that round to end.
     again = statuses.wait_status("checking", after=statuses.statuses.index(updated))
     statuses.wait_status("updated", after=statuses.statuses.index(again))

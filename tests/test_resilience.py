@@ -233,7 +233,7 @@ def test_tls_is_verified_and_mtls_works(
         key_file=str(key),
         auto_install=True,
     )
-    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "7.0.0", after=mark)
+    statuses.wait_updated("7.0.0", after=mark)
 
 
 def test_cli_step_while_the_service_holds_the_store(

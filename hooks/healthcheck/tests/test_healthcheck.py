@@ -89,7 +89,7 @@ def test_passing_checks_let_the_update_through(
             }
         },
     )
-    statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "2.0.1")
+    statuses.wait_updated("2.0.1")
 
 
 def test_failing_command_is_named_with_its_last_line(

@@ -89,7 +89,7 @@ def test_install_deferred_outside_the_window_then_done_inside(
     assert vetoed.error.startswith(
         "install vetoed by maintenance-window: outside the maintenance window; the next one opens"
     )
-    done = statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "2.0.0")
+    done = statuses.wait_updated("2.0.0")
     assert datetime.now(ROME) >= opens and done.error == ""
 
 

@@ -34,7 +34,7 @@ def test_statuses_are_forwarded_as_senml_and_to_a_file(
             auto_install=True,
             extra_tables={"status_forwarder": {"subject": "events.data", "file": str(lines)}},
         )
-        statuses.wait_for(lambda s: s.status == "updated" and s.current_version == "2.0.0")
+        statuses.wait_updated("2.0.0")
         # Status hooks run after the publication: wait for the forwarder's last message.
         forwarded.wait_raw(lambda body: b'"vs": "updated"' in body)
         raw = forwarded.raw_messages()

@@ -98,11 +98,15 @@ class Busy(Exception):
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a power cut leaves the old or the new file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with tmp.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also collect half-written files
+        raise
     fsync_dir(path.parent)
 
 

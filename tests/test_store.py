@@ -28,6 +28,7 @@ def test_atomic_write_keeps_the_old_file_when_the_new_cannot_be_written(tmp_path
     with pytest.raises(TypeError):
         write_atomic(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b'{"current_version": 5}', b"\x00\xff garbage"])

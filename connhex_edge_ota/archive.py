@@ -16,6 +16,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from connhex_edge_ota import killpoints
+
 UPDATE_SCRIPT = "update.sh"
 ROLLBACK_SCRIPT = "rollback.sh"
 MANIFEST = "manifest.json"
@@ -126,6 +128,7 @@ def unpack(
         with zipfile.ZipFile(path) as archive:
             for member in members:
                 _extract(archive, member, staging, expected)
+                killpoints.reached("unpack_member")
         if expected is not None:
             files = {m.name for m in members if not m.is_dir} - {MANIFEST, SIGNATURE}
             missing = sorted(set(expected) - files)
@@ -134,11 +137,13 @@ def unpack(
     except BaseException:
         _remove(staging)
         raise
+    killpoints.reached("unpack_staged")
     old = parent / f".{target.name}.old"
     _remove(old)
     if target.exists():
         target.replace(old)
     staging.replace(target)
+    killpoints.reached("unpack_swapped")
     _remove(old)
 
 

@@ -17,6 +17,7 @@ from connhex_edge_ota import __version__
 from connhex_edge_ota.agent import host_plugin_manager, run_agent
 from connhex_edge_ota.archive import ArchiveError, Limits
 from connhex_edge_ota.config import ConfigError, config_path, load_settings
+from connhex_edge_ota.state import load_state
 from connhex_edge_ota.status import Status
 from connhex_edge_ota.store import Busy, Store
 
@@ -99,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     settings = load_settings(config_path(args.config))
-    state, warning = Store(settings.store_dir).load()
+    state, warning = load_state(Store(settings.store_dir))
     if warning:
         print(warning, file=sys.stderr)
     print(state.model_dump_json(indent=2))

@@ -19,12 +19,14 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import requests
+from pydantic import ValidationError
 
-from connhex_edge_ota import __version__
+from connhex_edge_ota import __version__, killpoints
 from connhex_edge_ota.config import OtaSettings
 from connhex_edge_ota.digest import DigestError, format_content_digest, parse_content_digest
 from connhex_edge_ota.release import Release, UnsafeVersionError, check_version
-from connhex_edge_ota.store import Offer, Partial, boot_id, fsync_dir
+from connhex_edge_ota.state import Offer, Partial
+from connhex_edge_ota.store import boot_id, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +196,7 @@ class Server:
             raise ServerError(
                 "digest mismatch: the downloaded file was deleted", partial_dropped=True
             )
+        killpoints.reached("download_verified")
         part.replace(release.path)
         fsync_dir(release.path.parent)
         return received
@@ -303,24 +306,29 @@ def _offer(response: requests.Response) -> Offer:
         version = check_version(raw_version)
     except UnsafeVersionError as exc:
         raise ServerError(f"refused release: {exc}") from None
-    try:
-        size = int(headers.get("Content-Length", ""))
-    except ValueError:
-        raise ServerError("server sent no valid Content-Length") from None
+    length = headers.get("Content-Length", "").strip()
+    if not length.isdigit() or len(length) > 18:  # digits only: no sign, no exponent
+        shown = f": {length[:20]!r}" if length else ""
+        raise ServerError(f"refused release {version}: invalid Content-Length{shown}")
+    size = int(length)
     digest_header = headers.get("Content-Digest") or headers.get("Digest", "")
     try:
         digest = format_content_digest(parse_content_digest(digest_header))
     except DigestError as exc:
         raise ServerError(f"refused release {version}: {exc}") from None
-    return Offer(
-        version=version,
-        size=size,
-        digest=digest,
-        etag=headers.get("ETag", ""),
-        min_version=headers.get("Min-Version", ""),
-        max_version=headers.get("Max-Version", ""),
-        filename=_filename(headers.get("Content-Disposition", "")),
-    )
+    try:
+        return Offer(
+            version=version,
+            size=size,
+            digest=digest,
+            etag=headers.get("ETag", ""),
+            min_version=headers.get("Min-Version", ""),
+            max_version=headers.get("Max-Version", ""),
+            filename=_filename(headers.get("Content-Disposition", "")),
+        )
+    except ValidationError as exc:
+        reason = str(exc.errors()[0]["msg"]) if exc.errors() else "invalid headers"
+        raise ServerError(f"refused release {version}: {reason}") from None
 
 
 def _http_error(response: requests.Response) -> ServerError:

@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from connhex_edge_ota.duration import parse_duration
+from connhex_edge_ota.release import UnsafeVersionError, check_version
 
 DEFAULT_CONFIG_PATH = Path("/opt/connhex/configs/agent.toml")
 ENV_PREFIX = "CONNHEX_OTA_"
@@ -41,16 +42,42 @@ class ConfigError(Exception):
     """A configuration that cannot run; ``str(error)`` is one line for the operator."""
 
 
+MAX_DURATION = 366 * 24 * 3600.0
+"""Longest duration accepted: timers and socket timeouts overflow far beyond it."""
+
+
+def _bounded(seconds: float) -> float:
+    if seconds > MAX_DURATION:
+        raise ValueError("longer than 366 days")
+    return seconds
+
+
 def _positive(seconds: float) -> float:
     if seconds <= 0:
         raise ValueError("must be greater than zero")
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_bounded)]
+PositiveDuration = Annotated[
+    float, BeforeValidator(parse_duration), AfterValidator(_bounded), AfterValidator(_positive)
+]
 
-_DURATION_HINT = "a duration such as '1h30m', '90s', '500ms' or a number of seconds"
+
+def _header_safe(value: str) -> str:
+    """``value`` when it can be sent as an HTTP header value (Latin-1, no control characters)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("holds control characters")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("holds characters an HTTP header cannot carry (outside Latin-1)") from None
+    return value
+
+
+_DURATION_HINT = (
+    "a duration such as '1h30m', '90s', '500ms' or a number of seconds, at most 366 days"
+)
 EXPECTED: dict[str, str] = {
     "auto_download": "true or false",
     "auto_install": "true or false",
@@ -59,7 +86,7 @@ EXPECTED: dict[str, str] = {
     "retry_floor": f"{_DURATION_HINT}, greater than zero",
     "server_url": "an http:// or https:// URL such as 'https://apis.example.com'",
     "init_id": "the device's initialization ID, a non-empty string without '/'",
-    "init_key": "the device's initialization key, a string",
+    "init_key": "the device's initialization key, Latin-1 text without control characters",
     "ca_file": "the path of an existing CA bundle (PEM)",
     "cert_file": "the path of an existing client certificate (PEM)",
     "key_file": "the path of an existing client key (PEM)",
@@ -68,7 +95,8 @@ EXPECTED: dict[str, str] = {
     "heartbeat_interval": f"{_DURATION_HINT}, greater than zero",
     "install_timeout": f"{_DURATION_HINT}, greater than zero",
     "public_key": "a path to an Ed25519 .pub file, or the key inline (PEM or base64)",
-    "initial_version": "a version string",
+    "initial_version": "a version string (at most 128 bytes, Latin-1, no '/', '..' or control "
+    "characters)",
     "connect_timeout": f"{_DURATION_HINT}, greater than zero",
     "stall_timeout": f"{_DURATION_HINT}, greater than zero",
     "hook_timeout": f"{_DURATION_HINT}, greater than zero",
@@ -148,6 +176,22 @@ class OtaSettings(BaseSettings):
     def _check_init_id(cls, value: str) -> str:
         if "/" in value or any(ord(c) < 32 for c in value):
             raise ValueError("holds '/' or control characters")
+        return value
+
+    @field_validator("init_key")
+    @classmethod
+    def _check_init_key(cls, value: SecretStr) -> SecretStr:
+        _header_safe(value.get_secret_value())
+        return value
+
+    @field_validator("initial_version")
+    @classmethod
+    def _check_initial_version(cls, value: str) -> str:
+        if value:
+            try:
+                check_version(value)
+            except UnsafeVersionError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("install_dir")

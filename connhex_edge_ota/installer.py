@@ -1,11 +1,23 @@
-"""Installing a verified download: check the archive, unpack, run update.sh, roll back on failure.
+"""Installing a verified download, phase by phase, and finishing one a dead process left.
 
-The installer owns ``current/``, the script logs and the exit file; the
-service owns the state and the statuses, and hands in the health gate.
+Each phase is recorded in the install journal (:class:`connhex_edge_ota.state.Journal`)
+before the step it announces; :meth:`Installer.recover` acts on the recorded
+phase only, never on what happens to be on disk:
+
+- before ``update.sh`` started: nothing of the release ran, so nothing is
+  rolled back or killed; the partial unpack is removed and the attempt does not count;
+- ``update.sh`` started, no exit recorded: its own process group is killed
+  (only if provably it) and the **new** release's ``rollback.sh`` runs;
+- exit recorded: the install is finished accordingly (health check, success or rollback).
+
+The previous release's scripts are never run on behalf of another version.
+The installer owns ``current/``, the script logs and exit files; the service
+turns its :class:`Outcome` into statuses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -13,8 +25,8 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+from connhex_edge_ota import killpoints
 from connhex_edge_ota.archive import (
     ROLLBACK_SCRIPT,
     UPDATE_SCRIPT,
@@ -28,19 +40,26 @@ from connhex_edge_ota.calls import in_thread
 from connhex_edge_ota.config import OtaSettings
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.scripts import (
+    EXIT_RESTART,
+    SKIPPED,
     ScriptResult,
-    kill_group,
+    group_is_running,
+    kill_recorded_group,
     prune_logs,
+    read_exit,
     run_script,
     script_environment,
 )
 from connhex_edge_ota.signing import KeyFileError, load_public_key, verified_manifest
-from connhex_edge_ota.store import Install, State, Store, boot_id
+from connhex_edge_ota.state import Journal, Phase
+from connhex_edge_ota.store import Store, boot_id
 
 log = logging.getLogger(__name__)
 
 HealthGate = Callable[[Release], Awaitable[list[str]]]
 """Returns the failed health checks (``"<plugin>: <reason>"``), empty when healthy."""
+
+INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -57,10 +76,18 @@ class NoSpace(Exception):
     """Not enough room to unpack the release; it may fit later."""
 
 
+class NotRecorded(Exception):
+    """A phase could not be written to state.json: the step it announces must not run."""
+
+
 class Installer:
-    def __init__(self, settings: OtaSettings, store: Store) -> None:
+    def __init__(
+        self, settings: OtaSettings, store: Store, journal: Journal, healthy: HealthGate
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.journal = journal
+        self.healthy = healthy
 
     def limits(self) -> Limits:
         return Limits(
@@ -89,135 +116,170 @@ class Installer:
                 raise NoSpace("no space left on device while unpacking") from None
             raise
 
-    async def install(
-        self,
-        release: Release,
-        state: State,
-        save: Callable[[], None],
-        healthy: HealthGate,
-    ) -> Outcome:
-        """Install ``release`` over ``state.current_version``; ``state.install`` marks the attempt.
-
-        ``save`` persists ``state``; it is called before each step with effects,
-        and the install does not start unless the first call succeeds.
-        """
-        previous = state.current_version
-        state.install = Install(
-            version=release.version,
-            previous_version=previous,
-            started=time.time(),
-            boot_id=boot_id(),
-        )
+    def _record(self, transition: Callable[[], object]) -> None:
+        """Write a phase that announces a step; the step does not run unless it is written."""
         try:
-            save()
-        except OSError as exc:  # an install that could not be recorded must not start
-            state.install = None
-            return Outcome(False, f"cannot record the install in state.json: {exc.strerror}")
+            transition()
+        except OSError as exc:
+            raise NotRecorded(
+                f"cannot record the install in state.json: {exc.strerror or exc}"
+            ) from None
+
+    def _note(self, transition: Callable[[], object]) -> None:
+        """Write a phase that records what already happened; a failed write is only logged."""
+        try:
+            transition()
+        except OSError as exc:
+            log.warning("state.json not saved: %s", exc.strerror or exc)
+
+    async def install(self, release: Release) -> Outcome:
+        """Install ``release`` over the running version, recording each phase first."""
+        try:
+            self._record(lambda: self.journal.begin_install(release))
+        except NotRecorded as exc:
+            return Outcome(False, str(exc), transient=True)
+        killpoints.reached("install_recorded")
         try:
             await in_thread(self._check_and_unpack, release)
         except NoSpace as exc:
-            state.install = None
-            save()
+            self.journal.abandon_install()
             return Outcome(False, f"{exc}; will try again", transient=True)
-        except (ArchiveError, OSError) as exc:
-            state.install = None
-            save()
+        except ArchiveError as exc:
             return Outcome(False, f"release refused: {exc}")
-        workdir = self.store.current
-        self.store.exit_file().unlink(missing_ok=True)
-        self.store.group_file().unlink(missing_ok=True)
-        result = await self._run(UPDATE_SCRIPT, release, previous, state, save)
-        if not result.ok:
-            return await self._fail(release, previous, state, save, result.describe())
-        failed = await healthy(release.with_workdir(workdir))
-        if failed:
-            return await self._fail(
-                release, previous, state, save, "health check failed: " + "; ".join(failed)
-            )
-        state.install = None
-        self.store.exit_file().unlink(missing_ok=True)
-        return Outcome(True, restart=result.restart)
+        except OSError as exc:
+            return Outcome(False, f"cannot unpack the release: {exc.strerror or exc}")
+        except Exception as exc:  # any other defect of the archive: a refusal, never a crash
+            log.warning("unpacking %s failed", release.version, exc_info=True)
+            return Outcome(False, f"release refused: {type(exc).__name__}: {exc}")
+        try:
+            self._record(self.journal.unpacked)
+        except NotRecorded as exc:
+            self.journal.abandon_install()
+            return Outcome(False, str(exc), transient=True)
+        killpoints.reached("install_unpacked")
+        try:
+            result = await self._run(UPDATE_SCRIPT, release, Phase.SCRIPT_STARTED)
+        except NotRecorded as exc:
+            self.journal.abandon_install()
+            return Outcome(False, str(exc), transient=True)
+        return await self._script_ended(release, result.code, result.ok, result.describe())
 
-    async def _run(
-        self, script: str, release: Release, previous: str, state: State, save: Callable[[], None]
-    ) -> ScriptResult:
-        def started(pid: int) -> None:
-            if state.install is not None:
-                state.install.pgid = pid
-                state.install.phase = "update" if script == UPDATE_SCRIPT else "rollback"
-                with contextlib.suppress(OSError):  # the install is recorded already
-                    save()
+    async def _script_ended(
+        self, release: Release, code: int | None, ok: bool, error: str
+    ) -> Outcome:
+        restart = ok and code == EXIT_RESTART
+        self._note(lambda: self.journal.script_exited(code, "" if ok else error, restart))
+        killpoints.reached("script_exit_recorded")
+        if not ok:
+            return await self._fail(release, error)
+        return await self._check_health(release, restart)
+
+    async def _check_health(self, release: Release, restart: bool) -> Outcome:
+        killpoints.reached("health_checking")
+        failed = await self.healthy(release.with_workdir(self.store.current))
+        error = "health check failed: " + "; ".join(failed) if failed else ""
+        self._note(lambda: self.journal.health_checked(error))
+        killpoints.reached("health_recorded")
+        if error:
+            return await self._fail(release, error)
+        return Outcome(True, restart=restart)
+
+    async def _run(self, script: str, release: Release, phase: Phase) -> ScriptResult:
+        # update.sh never runs unrecorded; rollback.sh runs even then (it is the safe side).
+        write = self._record if phase == Phase.SCRIPT_STARTED else self._note
+
+        async def started(pgid: int, ticks: int) -> None:
+            await in_thread(write, lambda: self.journal.script_started(phase, pgid, ticks))
 
         workdir = self.store.current
+        previous = self.journal.state.current_version
         env = script_environment(workdir, previous, release.version, self.settings.install_timeout)
-        log_path = self.store.log_path(release.version)
-        exit_file = self.store.exit_file() if script == UPDATE_SCRIPT else None
-        group_file = self.store.group_file()
         try:
             return await run_script(
                 script,
                 workdir,
                 env,
                 self.settings.install_timeout,
-                log_path,
-                exit_file=exit_file,
+                self.store.log_path(release.version),
+                exit_file=self.store.exit_file(script),
                 on_start=started,
-                group_file=group_file,
+                stage="script" if script == UPDATE_SCRIPT else "rollback",
             )
         finally:
             prune_logs(self.store.logs, self.settings.log_keep)
 
-    async def _fail(
-        self, release: Release, previous: str, state: State, save: Callable[[], None], error: str
-    ) -> Outcome:
-        """Run rollback.sh when the release has one; the version stays ``previous``."""
-        if (self.store.current / ROLLBACK_SCRIPT).is_file():
-            result = await self._run(ROLLBACK_SCRIPT, release, previous, state, save)
-            if not result.ok:
-                error = f"{error}; rollback failed: {result.describe()}"
-            else:
-                error = f"{error}; rolled back"
-        state.install = None
-        save()
-        return Outcome(False, error)
+    async def _fail(self, release: Release, error: str) -> Outcome:
+        """Run the new release's rollback.sh when it has one; the version stays."""
+        if not (self.store.current / ROLLBACK_SCRIPT).is_file():
+            return Outcome(False, error)
+        self._note(lambda: self.journal.rolling_back(error))
+        result = await self._run(ROLLBACK_SCRIPT, release, Phase.ROLLING_BACK)
+        return Outcome(False, self._rolled_back(error, result.ok, result.describe()))
 
-    async def recover(
-        self, release: Release, state: State, save: Callable[[], None], healthy: HealthGate
-    ) -> Outcome:
-        """Finish or roll back an install that a previous process left in ``state.install``."""
-        interrupted = state.install
-        assert interrupted is not None
-        exit_file = self.store.exit_file()
-        code: int | None = None
-        if interrupted.phase == "update":
-            try:
-                code = int(exit_file.read_text().strip())
-            except (OSError, ValueError):
-                code = None
-        pgid = interrupted.pgid or _read_int(self.store.group_file())
-        if code is None and pgid and interrupted.boot_id == boot_id():
-            kill_group(pgid)  # the script may outlive the agent that started it
-        previous = interrupted.previous_version
-        if not (self.store.current / UPDATE_SCRIPT).is_file():
-            state.install = None
-            save()
-            return Outcome(False, "interrupted before the release was unpacked")
-        if code in (0, 10):
-            failed = await healthy(release.with_workdir(self.store.current))
-            if not failed:
-                state.install = None
-                exit_file.unlink(missing_ok=True)
-                return Outcome(True)
-            return await self._fail(
-                release, previous, state, save, "health check failed: " + "; ".join(failed)
-            )
-        reason = "interrupted" if code is None else f"update.sh exited with {code} (agent stopped)"
-        exit_file.unlink(missing_ok=True)
-        return await self._fail(release, previous, state, save, reason)
+    @staticmethod
+    def _rolled_back(error: str, ok: bool, described: str) -> str:
+        return f"{error}; rolled back" if ok else f"{error}; rollback failed: {described}"
 
+    # recovery
 
-def _read_int(path: Path) -> int:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return 0
+    async def recover(self, release: Release) -> Outcome | None:
+        """Finish what a dead process left in the journal; None when nothing of it ran."""
+        record = self.journal.state.install
+        assert record is not None
+        if record.phase in (Phase.UNPACKING, Phase.UNPACKED):
+            self._abandon(f"{record.version} was interrupted before update.sh started")
+            return None
+        if record.phase == Phase.SCRIPT_STARTED:
+            recorded = read_exit(self.store.exit_file(UPDATE_SCRIPT))
+            if recorded == SKIPPED:
+                self._abandon(f"update.sh of {record.version} never started")
+                return None
+            if not isinstance(recorded, int):
+                await self._kill_left_over(record.pgid, record.start_ticks, record.boot_id)
+                return await self._fail(release, INTERRUPTED)
+            ok = recorded in (0, EXIT_RESTART)
+            error = f"update.sh exited with {recorded} (while the agent was stopped)"
+            return await self._script_ended(release, recorded, ok, error)
+        if record.phase == Phase.SCRIPT_EXITED:
+            if record.error or record.code not in (0, EXIT_RESTART):
+                error = record.error or f"update.sh exited with {record.code}"
+                return await self._fail(release, error)
+            return await self._check_health(release, record.restart)
+        if record.phase == Phase.HEALTH_CHECKED:
+            if record.error:
+                return await self._fail(release, record.error)
+            return Outcome(True, restart=record.restart)
+        return await self._recover_rollback(release)
+
+    async def _recover_rollback(self, release: Release) -> Outcome:
+        record = self.journal.state.install
+        assert record is not None and record.phase == Phase.ROLLING_BACK
+        error = record.error or INTERRUPTED
+        if record.pgid:  # rollback.sh was started
+            recorded = read_exit(self.store.exit_file(ROLLBACK_SCRIPT))
+            if isinstance(recorded, int):
+                return Outcome(
+                    False,
+                    self._rolled_back(error, recorded == 0, f"rollback.sh exited with {recorded}"),
+                )
+            if recorded != SKIPPED:
+                await self._kill_left_over(record.pgid, record.start_ticks, record.boot_id)
+                error = f"{error}; rollback interrupted, run again"
+        return await self._fail(release, error)
+
+    def _abandon(self, why: str) -> None:
+        """Nothing of the release ran: remove the partial unpack, forget the attempt."""
+        log.warning("%s: nothing to undo; it will be installed again", why)
+        for folder in self.store.staging():
+            with contextlib.suppress(OSError):
+                shutil.rmtree(folder)
+        self.journal.abandon_install()
+
+    async def _kill_left_over(self, pgid: int, ticks: int, boot: str) -> None:
+        """Kill the script group a dead agent left running, only when provably it."""
+        if boot != boot_id() or not kill_recorded_group(pgid, ticks):
+            return
+        log.warning("killed process group %d left running by the previous agent", pgid)
+        deadline = time.monotonic() + 5.0
+        while group_is_running(pgid, ticks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)

@@ -37,18 +37,14 @@ class UpdateLoop:
         self._jobs: asyncio.Queue[Job] = asyncio.Queue()
 
     async def cycle(self) -> float:
-        """One automatic round; the delay before the next one."""
+        """One automatic round; the delay before the next one, from what each step returned."""
         service = self.service
-        service.last_failure = None
-        await service.check()
-        offer = service.state.offer
-        wanted = service.settings.downloads_enabled and service.last_failure is None
-        if offer is not None and wanted and not service.gave_up_on(offer.version):
-            if not service.state.ready:
-                await service.download()
-            if service.state.ready and service.settings.auto_install:
-                await service.install()
-        failure = service.last_failure
+        result = await service.check()
+        if result and service.wants_download():
+            result = await service.download()
+        if result and service.wants_install():
+            result = await service.install()
+        failure = result.failure
         if failure is None:
             return self.schedule.after_success()
         return self.schedule.after_failure(failure.retry_after, failure.permanent)
@@ -90,7 +86,7 @@ class UpdateLoop:
                 await self.service.heartbeat()
 
     async def _work(self) -> None:
-        await self.service.recover()
+        await self.service.recover()  # never raises: a failure is reported as a status
         next_round = time.monotonic()
         while True:
             try:

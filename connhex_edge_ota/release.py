@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_VERSION_LENGTH = 128
+"""Bytes (UTF-8): with ``.zip.part`` appended, a version is still a valid file name."""
 
 
 class UnsafeVersionError(ValueError):
@@ -17,17 +18,25 @@ def check_version(version: str) -> str:
     """``version`` unchanged when it is safe to use in file names; else UnsafeVersionError.
 
     Versions are opaque strings compared for equality. They are refused when
-    empty, longer than 128 characters, or holding ``/``, ``\\``, ``..``, NUL or
-    any other control character.
+    empty, longer than 128 bytes in UTF-8 (a file name holds 255), holding
+    ``/``, ``\\``, ``..``, NUL or any other control character, or characters
+    an HTTP header cannot carry (outside Latin-1: the version is sent back as
+    the ``Version`` header).
     """
     if not version:
         raise UnsafeVersionError("empty version")
-    if len(version) > MAX_VERSION_LENGTH:
-        raise UnsafeVersionError(f"version longer than {MAX_VERSION_LENGTH} characters")
+    if len(version.encode("utf-8", "surrogatepass")) > MAX_VERSION_LENGTH:
+        raise UnsafeVersionError(f"version longer than {MAX_VERSION_LENGTH} bytes")
     if "/" in version or "\\" in version or ".." in version:
         raise UnsafeVersionError(f"version {version[:40]!r} holds a path separator or '..'")
     if any(ord(c) < 32 or ord(c) == 127 for c in version):
         raise UnsafeVersionError(f"version {version[:40]!r} holds a control character")
+    try:
+        version.encode("latin-1")
+    except UnicodeEncodeError:
+        raise UnsafeVersionError(
+            f"version {version[:40]!r} holds characters an HTTP header cannot carry"
+        ) from None
     return version
 
 

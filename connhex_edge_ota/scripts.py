@@ -8,10 +8,11 @@ import logging
 import os
 import signal
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from connhex_edge_ota import killpoints
 from connhex_edge_ota.duration import format_duration
 
 log = logging.getLogger(__name__)
@@ -24,15 +25,20 @@ LOG_LIMIT = 1024 * 1024
 TAIL_LINES = 5
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# The wrapper records its process group before the script starts and the
-# script's exit status when it ends, so that a restarted agent can kill what a
-# dead agent left running, or finish an install whose script completed.
+# The wrapper waits for the agent's "go" on its stdin, sent only once the start
+# is recorded in the install journal: an agent killed before that closes the
+# pipe, and the script never runs ("skipped" in the exit file). It records the
+# script's exit status when it ends, even when the agent died meanwhile.
 _WRAPPER = (
-    'if [ -n "$3" ]; then echo $$ > "$3"; fi; '
-    'sh "./$1"; code=$?; '
+    'if ! IFS= read -r go || [ "$go" != go ]; then '
+    'if [ -n "$2" ]; then printf "skipped\\n" > "$2.tmp" && mv -f "$2.tmp" "$2"; fi; '
+    "exit 125; fi; "
+    'sh "./$1" </dev/null; code=$?; '
     'if [ -n "$2" ]; then printf "%s\\n" "$code" > "$2.tmp" && mv -f "$2.tmp" "$2"; fi; '
     "exit $code"
 )
+SKIPPED = "skipped"
+"""What the exit file says when the wrapper ended without running the script."""
 
 
 @dataclass
@@ -83,39 +89,59 @@ async def run_script(
     env: dict[str, str],
     timeout: float,
     log_path: Path,
-    exit_file: Path | None = None,
-    on_start: Callable[[int], None] | None = None,
-    group_file: Path | None = None,
+    exit_file: Path,
+    on_start: Callable[[int, int], Awaitable[None]],
+    stage: str = "script",
 ) -> ScriptResult:
     """Run ``sh <script>`` in ``workdir`` in its own process group, under ``timeout``.
 
-    Output goes to ``log_path`` (appended, at most LOG_LIMIT bytes per run) and
-    to the log; the last lines come back in the result. On timeout the whole
-    group gets SIGTERM, then SIGKILL after KILL_GRACE seconds. ``exit_file``
-    receives the exit status and ``group_file`` the process group id (written
-    before the script starts).
+    ``on_start(pgid, start_ticks)`` records the start before the script runs;
+    when it raises, the script never runs and the error propagates. Output goes
+    to ``log_path`` (appended, at most LOG_LIMIT bytes per run) and to the log;
+    the last lines come back in the result. On timeout the whole group gets
+    SIGTERM, then SIGKILL after KILL_GRACE seconds. ``exit_file`` receives the
+    exit status, even if the agent dies meanwhile. ``stage`` names the kill
+    points (``script_*`` or ``rollback_*``).
     """
     result = ScriptResult(script=script, timeout=timeout)
+    exit_file.unlink(missing_ok=True)
     process = await asyncio.create_subprocess_exec(
         "sh",
         "-c",
         _WRAPPER,
         "connhex-ota",
         script,
-        str(exit_file) if exit_file else "",
-        str(group_file) if group_file else "",
+        str(exit_file),
         cwd=workdir,
         env=env,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
     )
-    if on_start is not None:
-        on_start(process.pid)
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        await on_start(process.pid, start_ticks(process.pid))
+    except BaseException:
+        process.stdin.close()  # EOF: the wrapper exits without running the script
+        await process.wait()
+        raise
+    killpoints.reached(f"{stage}_recorded")
+    process.stdin.write(b"go\n")
+    with contextlib.suppress(ConnectionError):
+        await process.stdin.drain()
+    process.stdin.close()
+    killpoints.reached(f"{stage}_running")
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    assert process.stdout is not None
-    reader = asyncio.create_task(_copy_output(process.stdout, log_path, script, tail))
+    reader = asyncio.create_task(
+        _copy_output(
+            process.stdout,
+            log_path,
+            script,
+            tail,
+            first_line=lambda: killpoints.reached(f"{stage}_output"),
+        )
+    )
     try:
         await asyncio.wait_for(process.wait(), timeout)
     except TimeoutError:
@@ -135,7 +161,56 @@ async def run_script(
     else:
         result.code = code
     result.tail = list(tail)
+    killpoints.reached(f"{stage}_exited")
     return result
+
+
+def read_exit(exit_file: Path) -> int | str | None:
+    """What the wrapper recorded: the exit status, :data:`SKIPPED`, or None (nothing yet)."""
+    try:
+        text = exit_file.read_text().strip()
+    except OSError:
+        return None
+    if text == SKIPPED:
+        return SKIPPED
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def start_ticks(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat``); 0 if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rfind(")") + 2 :].split()  # the name may hold spaces and ')'
+    try:
+        if fields[0] == "Z":  # a zombie has run its course
+            return 0
+        return int(fields[19])  # field 22 of the whole line
+    except (IndexError, ValueError):
+        return 0
+
+
+def group_is_running(pgid: int, ticks: int) -> bool:
+    """Whether ``pgid`` is provably the group a script was started as (same leader)."""
+    return pgid > 1 and ticks > 0 and start_ticks(pgid) == ticks
+
+
+def kill_recorded_group(pgid: int, ticks: int) -> bool:
+    """SIGKILL the group of a script a dead agent left running, only if provably it.
+
+    The leader (the wrapper, whose pid is the group id) must still exist with
+    the recorded start time: a recycled pid, init's group or a negative id are
+    never signalled. True when the group was killed.
+    """
+    if not group_is_running(pgid, ticks):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    return True
 
 
 async def _kill_group(process: asyncio.subprocess.Process, grace: float = KILL_GRACE) -> None:
@@ -149,14 +224,12 @@ async def _kill_group(process: asyncio.subprocess.Process, grace: float = KILL_G
             continue
 
 
-def kill_group(pgid: int) -> None:
-    """SIGKILL a process group left over from a previous run (no error if it is gone)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
 async def _copy_output(
-    stream: asyncio.StreamReader, log_path: Path, script: str, tail: deque[str]
+    stream: asyncio.StreamReader,
+    log_path: Path,
+    script: str,
+    tail: deque[str],
+    first_line: Callable[[], None] | None = None,
 ) -> None:
     written = 0
     with log_path.open("ab") as out:
@@ -168,6 +241,9 @@ async def _copy_output(
                 line = await stream.read(64 * 1024)
             if not line:
                 break
+            if first_line is not None:
+                first_line()
+                first_line = None
             text = line.decode(errors="replace").rstrip()
             if text:
                 tail.append(text[:200])

@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 import pluggy
 
+from connhex_edge_ota import killpoints
 from connhex_edge_ota.calls import in_thread, notify, vetoes
 from connhex_edge_ota.client import ReleaseChanged, Server, ServerError
 from connhex_edge_ota.config import OtaSettings
 from connhex_edge_ota.installer import Installer, Outcome
 from connhex_edge_ota.release import Release
+from connhex_edge_ota.state import Journal, Partial, Phase, State
 from connhex_edge_ota.status import Status, StatusName, rfc3339_now, short_error
-from connhex_edge_ota.store import Failure, Offer, Partial, State, Store
+from connhex_edge_ota.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,20 @@ ProgressPrinter = Callable[[int, int], None]
 
 @dataclass
 class Result:
-    """What a step achieved, as a command reply."""
+    """What a step achieved: a command reply, and what the loop decides the next round from."""
 
     ok: bool
     error: str = ""
+    note: str = ""
+    """Said to the operator when nothing went wrong, e.g. "already up to date: 1.2.0"."""
+    failure: ServerError | None = None
+    """The server's failure, when that is why the step failed (it sets the retry delay)."""
 
     def __bool__(self) -> bool:
         return self.ok
+
+
+StepName = Callable[[], Awaitable[Result]]
 
 
 class OtaService:
@@ -58,49 +67,37 @@ class OtaService:
         self.pm = pm
         self.store = store
         self.server = Server(settings)
-        self.installer = Installer(settings, store)
+        self.journal = Journal(store)
+        self.installer = Installer(settings, store, self.journal, self._health)
         self.reporters = list(reporters or [])
         self.on_restart = on_restart
         self.progress_printer = progress_printer
-        self.state = State()
         self._cancel = threading.Event()
         self._hook_queue: asyncio.Queue[Status] = asyncio.Queue(maxsize=100)
         self._notice = ""
         """Something to report once, with the first status (e.g. a corrupt state.json)."""
-        self.last_failure: ServerError | None = None
-        """The server's last failure in this round (it sets the delay before the next)."""
 
     # state and statuses
 
     def open(self) -> None:
         """Load the persisted state (a corrupt file is set aside and reported)."""
-        self.store.create()
-        self.state, warning = self.store.load()
+        warning = self.journal.open(self.settings.initial_version)
         if warning:
             log.warning("%s", warning)
             self._notice = warning
-        if not self.state.current_version and self.settings.initial_version:
-            self.state.current_version = self.settings.initial_version
+
+    @property
+    def state(self) -> State:
+        """The persisted state, read-only: :class:`Journal` owns every change."""
+        return self.journal.state
 
     def status(self) -> Status:
         s = self.state
         return Status(s.current_version, s.latest_version, s.status, s.error, s.last_checked)
 
-    def _save(self) -> None:
-        """Persist the state; a full or failing disk is logged and reported, never fatal.
-
-        The device then keeps working from memory, and the next save retries.
-        """
-        try:
-            self.store.save(self.state)
-        except OSError as exc:
-            log.warning("state.json not saved: %s", exc.strerror or exc)
-
     async def _report(self, status: StatusName, error: str = "") -> None:
         """Record and publish a status change (state.json first: it must never lag behind)."""
-        self.state.status = status.value
-        self.state.error = short_error(error)
-        await in_thread(self._save)
+        await in_thread(self.journal.record_status, status.value, short_error(error))
         await self._publish(self.status())
 
     async def _publish(self, status: Status) -> None:
@@ -134,54 +131,68 @@ class OtaService:
 
     # steps
 
-    def _release(self) -> Release | None:
-        return self.store.release(self.state.offer) if self.state.offer else None
-
     def gave_up_on(self, version: str) -> bool:
-        failure = self.state.failures.get(version)
-        return failure is not None and failure.attempts >= self.settings.max_install_attempts
+        return self.journal.failed_attempts(version) >= self.settings.max_install_attempts
+
+    def wants_download(self) -> bool:
+        """An automatic round downloads: enabled, an offer not yet here, not given up on."""
+        offer = self.state.offer
+        return (
+            offer is not None
+            and self.settings.downloads_enabled
+            and not self.state.ready
+            and not self.gave_up_on(offer.version)
+        )
+
+    def wants_install(self) -> bool:
+        """An automatic round installs: ``auto_install``, a verified download, not given up on."""
+        offer = self.state.offer
+        return (
+            offer is not None
+            and self.settings.auto_install
+            and self.state.ready
+            and not self.gave_up_on(offer.version)
+        )
+
+    async def _guarded(self, name: str, failed: StatusName, step: StepName) -> Result:
+        """Run ``step``; a bug surfaces as the step's failure status, never a dead loop.
+
+        The traceback is logged once at ERROR; the status carries a short error;
+        the loop goes on with backoff (the result counts as a server failure).
+        """
+        try:
+            return await step()
+        except Exception as exc:
+            log.exception("%s failed unexpectedly", name)
+            error = f"{name} failed: {type(exc).__name__}: {exc}"
+            install = self.state.install
+            if install is not None and name != "recover":
+                self.journal.record_failure(install.version, error)
+            try:
+                await self._report(failed, error)
+            except Exception:
+                log.exception("the %s status could not be reported", failed)
+            return Result(False, error, failure=ServerError(error))
 
     async def check(self) -> Result:
+        return await self._guarded("check", StatusName.CHECK_FAILED, self._check)
+
+    async def _check(self) -> Result:
         notice, self._notice = self._notice, ""
         await self._report(StatusName.CHECKING, notice)
         try:
             offer = await in_thread(self.server.check, self.state.current_version)
         except ServerError as exc:
-            self.last_failure = exc
             await self._report(StatusName.CHECK_FAILED, str(exc))
-            return Result(False, str(exc))
-        self.last_failure = None
-        self.state.last_checked = rfc3339_now()
+            return Result(False, str(exc), failure=exc)
+        self.journal.checked(rfc3339_now())
         if offer is None or offer.version == self.state.current_version:
-            self.state.latest_version = self.state.current_version
-            self._forget_offer()
+            self.journal.up_to_date()
             await self._report(StatusName.UPDATED)
-            return Result(True)
-        self._take_offer(offer)
+            return Result(True, note=f"already up to date: {self.state.current_version}")
+        self.journal.take_offer(offer)
         await self._report_offer()
         return Result(True)
-
-    def _forget_offer(self) -> None:
-        self.state.offer = None
-        self.state.ready = False
-        self.state.partial = None
-        self.store.prune_downloads(keep=None)
-
-    def _take_offer(self, offer: Offer) -> None:
-        self.state.latest_version = offer.version
-        if self.state.offer != offer:
-            # A different release (or the same version rebuilt): old files are useless.
-            self.state.offer = offer
-            self.state.ready = False
-            if self.state.partial and (
-                self.state.partial.version,
-                self.state.partial.etag,
-                self.state.partial.digest,
-            ) != (offer.version, offer.etag, offer.digest):
-                self.state.partial = None
-            self.store.prune_downloads(keep=offer.version if self.state.partial else None)
-        if self.state.ready and not self.store.zip_path(offer.version).is_file():
-            self.state.ready = False
 
     async def _report_offer(self) -> None:
         offer = self.state.offer
@@ -199,19 +210,24 @@ class OtaService:
             await self._report(StatusName.UPDATE_AVAILABLE)
 
     async def download(self, operator: bool = False) -> Result:
-        """Fetch the offered release; an operator's download checks first when needed.
+        """Fetch the offered release; an operator's download checks first.
 
         A release that changed on the server since the check (412) is checked
         again at once, and the new one fetched, a single time.
         """
-        if operator and self.state.offer is None:
-            checked = await self.check()
-            if not checked:
+        return await self._guarded(
+            "download", StatusName.DOWNLOAD_FAILED, lambda: self._download(operator)
+        )
+
+    async def _download(self, operator: bool) -> Result:
+        if operator:
+            checked = await self._check()
+            if not checked or self.state.offer is None:
                 return checked
         fetched = await self._fetch()
-        if not isinstance(self.last_failure, ReleaseChanged):
+        if not isinstance(fetched.failure, ReleaseChanged):
             return fetched
-        checked = await self.check()
+        checked = await self._check()
         if not checked or self.state.offer is None:
             return checked
         if self.gave_up_on(self.state.offer.version):
@@ -219,11 +235,11 @@ class OtaService:
         return await self._fetch()
 
     async def _fetch(self) -> Result:
-        release = self._release()
+        release = self.journal.release()
         if release is None:
             return Result(False, "no update to download")
         if self.state.ready:
-            return Result(True)
+            return Result(True, note=f"{release.version} is downloaded and verified")
         found = await vetoes(
             self.pm, "ota_pre_download", self.settings.hook_timeout, release=release
         )
@@ -231,11 +247,9 @@ class OtaService:
             error = "download vetoed by " + "; ".join(found)
             await self._report(StatusName.UPDATE_AVAILABLE, error)
             return Result(False, error)
-        partial = self.state.partial or Partial(
-            version=release.version, etag=release.etag, digest=release.digest, size=release.size
-        )
-        self.state.partial = partial
+        partial = self.journal.begin_download(release)
         await self._report(StatusName.DOWNLOADING)
+        killpoints.reached("download_started")
         self._cancel.clear()
         try:
             await in_thread(
@@ -252,25 +266,21 @@ class OtaService:
             return await self._download_failed(
                 ServerError(f"download failed: {exc.strerror or exc}")
             )
-        self.last_failure = None
-        self.state.partial = None
-        self.state.ready = True
+        killpoints.reached("download_renamed")
+        self.journal.download_done()
         await self._notify_progress(release, release.size)
         await self._report(StatusName.UPDATE_READY)
         return Result(True)
 
     async def _download_failed(self, failure: ServerError) -> Result:
-        self.last_failure = failure
-        if failure.partial_dropped:
-            self.state.partial = None
+        self.journal.download_failed(failure.partial_dropped)
         await self._report(StatusName.DOWNLOAD_FAILED, failure.message)
-        return Result(False, failure.message)
+        return Result(False, failure.message, failure=failure)
 
     def _save_partial(self, partial: Partial) -> None:
-        # Called from the download thread: the state object is only read
-        # concurrently by heartbeats, which never look at `partial`.
-        self.state.partial = partial
-        self._save()
+        # Called from the download thread at each durable checkpoint.
+        self.journal.download_progress(partial)
+        killpoints.reached("download_checkpoint")
 
     def _progress_sink(self, release: Release) -> Callable[[int], None]:
         """A callback for the download thread, rate-limited to ``progress_rate`` per second."""
@@ -301,17 +311,23 @@ class OtaService:
         )
 
     async def install(self, operator: bool = False) -> Result:
-        if operator and self.state.offer is None:
-            checked = await self.check()
-            if not checked:
+        """Install the offered release; an operator's install checks and downloads first."""
+        return await self._guarded(
+            "install", StatusName.UPDATE_FAILED, lambda: self._install(operator)
+        )
+
+    async def _install(self, operator: bool) -> Result:
+        if operator:
+            checked = await self._check()
+            if not checked or self.state.offer is None:
                 return checked
-        release = self._release()
+        release = self.journal.release()
         if release is None:
             return Result(False, "no update to install")
         if not operator and self.gave_up_on(release.version):
             return Result(False, f"{release.version} failed before; not retried automatically")
         if not self.state.ready:
-            fetched = await self.download()
+            fetched = await self._download(operator=False)
             if not fetched:
                 return fetched
         found = await vetoes(
@@ -322,9 +338,7 @@ class OtaService:
             await self._report(StatusName.UPDATE_READY, error)
             return Result(False, error)
         await self._report(StatusName.UPDATING)
-        outcome = await self.installer.install(
-            release, self.state, lambda: self.store.save(self.state), self._health
-        )
+        outcome = await self.installer.install(release)
         return await self._finish(release, outcome)
 
     async def _health(self, release: Release) -> list[str]:
@@ -333,17 +347,14 @@ class OtaService:
         )
 
     async def _finish(self, release: Release, outcome: Outcome) -> Result:
+        killpoints.reached("install_finishing")
         if not outcome.ok:
-            if not outcome.transient:
-                failure = self.state.failures.setdefault(release.version, Failure())
-                failure.attempts += 1
-                failure.error = outcome.error
+            self.journal.record_failure(release.version, outcome.error, not outcome.transient)
+            killpoints.reached("install_finished")
             await self._report(StatusName.UPDATE_FAILED, outcome.error)
             return Result(False, outcome.error)
-        self.state.current_version = release.version
-        self.state.latest_version = release.version
-        self.state.failures.pop(release.version, None)
-        self._forget_offer()
+        self.journal.finish_install(release)
+        killpoints.reached("install_finished")
         await self._report(StatusName.UPDATED)
         log.info("updated to %s", release.version)
         if outcome.restart:
@@ -354,32 +365,38 @@ class OtaService:
                 log.warning("%s: restart the agent to complete the update", reason)
         return Result(True)
 
-    async def recover(self) -> None:
-        """Finish or roll back an install the previous process did not complete."""
+    async def recover(self) -> Result:
+        """Finish an install the previous process left, by its journal phase."""
+        return await self._guarded("recover", StatusName.UPDATE_FAILED, self._recover)
+
+    async def _recover(self) -> Result:
         interrupted = self.state.install
         if interrupted is None:
-            return
-        log.warning("found an interrupted install of %s", interrupted.version)
+            return Result(True)
+        log.warning(
+            "found an interrupted install of %s (phase %s)", interrupted.version, interrupted.phase
+        )
         offer = self.state.offer
         release = (
-            self.store.release(offer)
-            if offer and offer.version == interrupted.version
-            else Release(version=interrupted.version, size=0, digest="")
-        )
-        self.state.current_version = interrupted.previous_version
-        await self._report(StatusName.UPDATING)
-        outcome = await self.installer.recover(release, self.state, self._save, self._health)
-        await self._finish(release, outcome)
+            self.journal.release() if offer and offer.version == interrupted.version else None
+        ) or Release(version=interrupted.version, size=0, digest="")
+        if interrupted.phase not in (Phase.UNPACKING, Phase.UNPACKED):
+            await self._report(StatusName.UPDATING)
+        try:
+            outcome = await self.installer.recover(release)
+        except BaseException:
+            # A recovery that cannot finish must not be tried at every start.
+            self.journal.record_failure(interrupted.version, "recovery failed")
+            raise
+        if outcome is None:  # nothing of it ran: installed again by the next round
+            return Result(True)
+        return await self._finish(release, outcome)
 
     async def operator_step(self, verb: str) -> Result:
         """``check``, ``download`` or ``install`` as an operator asks for it (NATS or CLI)."""
-        steps: dict[str, Callable[[], Awaitable[Result]]] = {
+        steps: dict[str, StepName] = {
             "check": self.check,
             "download": lambda: self.download(operator=True),
             "install": lambda: self.install(operator=True),
         }
-        try:
-            return await steps[verb]()
-        except Exception as exc:
-            log.exception("%s failed", verb)
-            return Result(False, f"{verb} failed: {type(exc).__name__}")
+        return await steps[verb]()

@@ -1,4 +1,4 @@
-"""The on-disk store under ``<install_dir>/.store/ota``: state, downloads, logs and the lock.
+"""The on-disk store under ``<install_dir>/.store/ota``: its folders, atomic writes and the lock.
 
 Layout::
 
@@ -6,6 +6,7 @@ Layout::
     lock                  held (flock) by the one process that may download or install
     downloads/V.zip       a verified release; V.zip.part while it downloads
     current/              the unpacked release being (or last) installed
+    update.sh.exit        the exit status of the last update.sh (rollback.sh.exit alike)
     logs/V.log            output of update.sh / rollback.sh for version V
 """
 
@@ -16,79 +17,12 @@ import fcntl
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import IO
 
-from pydantic import BaseModel, Field, ValidationError
-
-from connhex_edge_ota.release import Release, check_version
+from connhex_edge_ota.release import check_version
 
 log = logging.getLogger(__name__)
-
-STATE_SCHEMA = 1
-
-
-class Offer(BaseModel):
-    """The latest release the server offered (what a ``Release`` is made of)."""
-
-    version: str
-    size: int = Field(ge=0)
-    digest: str
-    etag: str = ""
-    min_version: str = ""
-    max_version: str = ""
-    filename: str = ""
-
-
-class Partial(BaseModel):
-    """A download in progress: enough to resume it safely after a restart."""
-
-    version: str
-    etag: str
-    digest: str
-    size: int
-    boot_id: str = ""
-    """The boot the bytes were written in: after a reboot only ``durable`` bytes are trusted."""
-    durable: int = 0
-    """Bytes known to be on stable storage (fsynced)."""
-
-
-class Install(BaseModel):
-    """An install in progress; found at startup when the process died during it."""
-
-    version: str
-    previous_version: str
-    pgid: int = 0
-    started: float = 0.0
-    boot_id: str = ""
-    """A recorded process group is only killed in the boot that started it."""
-    phase: str = "update"  # "update" or "rollback"
-
-
-class Failure(BaseModel):
-    """Failed install attempts of one version, and why the last one failed."""
-
-    attempts: int = 0
-    error: str = ""
-
-
-class State(BaseModel):
-    """Everything the service persists between runs (``state.json``)."""
-
-    schema_version: int = STATE_SCHEMA
-    current_version: str = ""
-    latest_version: str = ""
-    status: str = ""
-    error: str = ""
-    last_checked: str = ""
-    offer: Offer | None = None
-    ready: bool = False
-    """The offer's zip is downloaded and verified."""
-    partial: Partial | None = None
-    install: Install | None = None
-    failures: dict[str, Failure] = Field(default_factory=dict)
-    """Failed installs per version."""
 
 
 class Busy(Exception):
@@ -136,8 +70,6 @@ class Store:
         self.current = root / "current"
         self.logs = root / "logs"
         self._lock_file: IO[bytes] | None = None
-        self._save_lock = threading.Lock()
-        """The download thread saves progress while the loop saves statuses."""
 
     def create(self) -> None:
         for folder in (self.root, self.downloads, self.logs):
@@ -149,50 +81,13 @@ class Store:
     def log_path(self, version: str) -> Path:
         return self.logs / f"{check_version(version)}.log"
 
-    def exit_file(self) -> Path:
-        """Where the script wrapper records the exit status of ``update.sh``."""
-        return self.root / "update.exit"
+    def exit_file(self, script: str) -> Path:
+        """Where the script wrapper records the exit status of ``script`` (``update.sh.exit``)."""
+        return self.root / f"{script}.exit"
 
-    def group_file(self) -> Path:
-        """Where the script wrapper records its process group before the script starts."""
-        return self.root / "update.pgid"
-
-    def release(self, offer: Offer) -> Release:
-        return Release(
-            version=offer.version,
-            size=offer.size,
-            digest=offer.digest,
-            etag=offer.etag,
-            path=self.zip_path(offer.version),
-            min_version=offer.min_version,
-            max_version=offer.max_version,
-            filename=offer.filename,
-        )
-
-    # state.json
-
-    def load(self) -> tuple[State, str]:
-        """The persisted state and a warning ("" if none).
-
-        A corrupt or unreadable file is moved aside (``state.json.corrupt-<time>``)
-        and a fresh state is returned, so a bad file never causes a crash loop.
-        """
-        try:
-            text = self.state_file.read_bytes()
-        except FileNotFoundError:
-            return State(), ""
-        try:
-            return State.model_validate_json(text), ""
-        except ValidationError as exc:
-            aside = self.state_file.with_name(f"state.json.corrupt-{int(time.time())}")
-            with contextlib.suppress(OSError):
-                self.state_file.replace(aside)
-            reason = exc.errors()[0]["msg"] if exc.errors() else "unreadable"
-            return State(), f"state.json was corrupt ({reason}); moved to {aside.name}"
-
-    def save(self, state: State) -> None:
-        with self._save_lock:
-            write_atomic(self.state_file, state.model_dump_json(indent=1).encode())
+    def staging(self) -> tuple[Path, Path]:
+        """The folders an unpack builds in and sets aside (``current/`` is replaced whole)."""
+        return self.root / ".current.new", self.root / ".current.old"
 
     # the lock
 

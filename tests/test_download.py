@@ -13,7 +13,8 @@ from connhex_edge_ota.client import ReleaseChanged, Server, ServerError
 from connhex_edge_ota.config import load_settings
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.server import ReleaseServer
-from connhex_edge_ota.store import Partial, Store
+from connhex_edge_ota.state import Journal, Partial
+from connhex_edge_ota.store import Store
 
 MIB = 1024 * 1024
 
@@ -50,7 +51,11 @@ class Device:
     def offer(self) -> Release:
         offer = self.server.check("")
         assert offer is not None
-        return self.store.release(offer)
+        journal = Journal(self.store)
+        journal.take_offer(offer)
+        release = journal.release()
+        assert release is not None
+        return release
 
     def download(self, release: Release) -> int:
         partial = self.partial or Partial(

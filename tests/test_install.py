@@ -208,7 +208,7 @@ def test_kill_9_after_update_sh_recorded_success_is_finished(
     agent = ota_agent(auto_install=True)
     wait_until(started.exists)
     agent.kill()  # the script outlives the agent and its wrapper records exit 0
-    wait_until(lambda: (agent.store / "update.exit").exists())
+    wait_until(lambda: (agent.store / "update.sh.exit").exists())
     assert finished.exists()
 
     mark = statuses.mark()

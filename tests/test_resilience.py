@@ -322,7 +322,8 @@ def test_a_newer_release_replaces_a_partial_download_of_the_old_one(
     agent = ota_agent(auto_download=True, retry_floor="1h")  # no automatic retry here
     statuses.wait_status("download_failed")
     assert (agent.store / "downloads" / "11.0.0.zip.part").exists()
-    release_server.releases.publish(payload_release(make_release, "11.0.1", MIB))
+    # A newer release is published between the command's check and its GET.
+    release_server.faults.swap_after_head = payload_release(make_release, "11.0.1", MIB)
     mark = statuses.mark()
     # The command hits 412 on the old release, checks again and fetches the new one.
     reply = statuses.request("download")

@@ -13,6 +13,10 @@ from connhex_edge_ota import scripts
 from connhex_edge_ota.scripts import prune_logs, run_script
 
 
+async def _started(pgid: int, ticks: int) -> None:
+    assert pgid > 1 and ticks > 0
+
+
 def run(tmp_path: Path, body: str, timeout: float = 10) -> scripts.ScriptResult:
     (tmp_path / "update.sh").write_text(body)
     return asyncio.run(
@@ -23,6 +27,7 @@ def run(tmp_path: Path, body: str, timeout: float = 10) -> scripts.ScriptResult:
             timeout,
             tmp_path / "out.log",
             exit_file=tmp_path / "exit",
+            on_start=_started,
         )
     )
 

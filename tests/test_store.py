@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from connhex_edge_ota.store import Busy, Offer, State, Store, write_atomic
+from connhex_edge_ota.state import Journal, Offer, State, load_state
+from connhex_edge_ota.store import Busy, Store, write_atomic
 
 
 def test_save_then_load_round_trips(tmp_path: Path) -> None:
     store = Store(tmp_path / "ota")
-    store.create()
+    journal = Journal(store)
+    journal.open()
     state = State(current_version="1.0.0", offer=Offer(version="2", size=3, digest="d"))
-    store.save(state)
-    loaded, warning = store.load()
+    journal.state = state
+    journal.save()
+    loaded, warning = load_state(store)
     assert warning == "" and loaded == state
     assert not list(store.root.glob(".*.tmp"))  # no temp file left behind
 
@@ -36,12 +39,12 @@ def test_corrupt_state_is_moved_aside_and_reported_once(tmp_path: Path, content:
     store = Store(tmp_path / "ota")
     store.create()
     store.state_file.write_bytes(content)
-    state, warning = store.load()
+    state, warning = load_state(store)
     assert state == State()
     assert "corrupt" in warning
     aside = list(store.root.glob("state.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == content
-    assert store.load() == (State(), "")  # the next start is clean: reported once
+    assert load_state(store) == (State(), "")  # the next start is clean: reported once
 
 
 def test_second_process_gets_a_clear_busy(tmp_path: Path) -> None:
@@ -87,14 +90,16 @@ def test_concurrent_saves_never_corrupt_the_file(tmp_path: Path) -> None:
     store.create()
 
     def hammer(version: str) -> None:
+        journal = Journal(store)  # one writer each, as separate processes would be
+        journal.state = State(current_version=version, error="x" * 2000)
         for _ in range(200):
-            store.save(State(current_version=version, error="x" * 2000))
+            journal.save()
 
     threads = [threading.Thread(target=hammer, args=(str(i),)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    state, warning = store.load()
+    state, warning = load_state(store)
     assert warning == "" and state.current_version in {"0", "1", "2", "3"}
     assert not list(store.root.glob(".*.tmp"))

@@ -178,6 +178,7 @@ class Installer:
         killpoints.reached("health_checking")
         failed = await self.healthy(release.with_workdir(self.store.current))
         error = "health check failed: " + "; ".join(failed) if failed else ""
+        killpoints.reached("health_asked")
         self._note(lambda: self.journal.health_checked(error))
         killpoints.reached("health_recorded")
         if error:

@@ -31,6 +31,7 @@ POINTS = (
     "script_exited",
     "script_exit_recorded",
     "health_checking",
+    "health_asked",
     "health_recorded",
     "rollback_recorded",
     "rollback_running",

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,21 +23,14 @@ EXIT_RESTART = 10
 KILL_GRACE = 10.0
 """Seconds between SIGTERM and SIGKILL to a script's process group on timeout."""
 LOG_LIMIT = 1024 * 1024
+"""Bytes of a script's output kept in its log per run; the rest is drained and dropped."""
+FOLLOW_PERIOD = 0.1
+"""Seconds between looks at the script log for new lines to echo."""
 TAIL_LINES = 5
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# The wrapper waits for the agent's "go" on its stdin, sent only once the start
-# is recorded in the install journal: an agent killed before that closes the
-# pipe, and the script never runs ("skipped" in the exit file). It records the
-# script's exit status when it ends, even when the agent died meanwhile.
-_WRAPPER = (
-    'if ! IFS= read -r go || [ "$go" != go ]; then '
-    'if [ -n "$2" ]; then printf "skipped\\n" > "$2.tmp" && mv -f "$2.tmp" "$2"; fi; '
-    "exit 125; fi; "
-    'sh "./$1" </dev/null; code=$?; '
-    'if [ -n "$2" ]; then printf "%s\\n" "$code" > "$2.tmp" && mv -f "$2.tmp" "$2"; fi; '
-    "exit $code"
-)
+WRAPPER = Path(__file__).with_name("script_wrapper.py")
+"""Runs each script on the agent's behalf (see :mod:`connhex_edge_ota.script_wrapper`)."""
 SKIPPED = "skipped"
 """What the exit file says when the wrapper ended without running the script."""
 
@@ -105,21 +99,26 @@ async def run_script(
     """
     result = ScriptResult(script=script, timeout=timeout)
     exit_file.unlink(missing_ok=True)
+    with log_path.open("ab") as log_file:
+        log_file.write(f"--- {script}\n".encode())
+        offset = log_file.tell()
     process = await asyncio.create_subprocess_exec(
-        "sh",
-        "-c",
-        _WRAPPER,
-        "connhex-ota",
+        sys.executable,
+        "-I",  # isolated, no site: the agent's environment and packages stay out
+        "-S",
+        str(WRAPPER),
         script,
         str(exit_file),
+        str(log_path),
+        str(LOG_LIMIT),
         cwd=workdir,
         env=env,
         stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
         start_new_session=True,
     )
-    assert process.stdin is not None and process.stdout is not None
+    assert process.stdin is not None
     try:
         await on_start(process.pid, start_ticks(process.pid))
     except BaseException:
@@ -133,12 +132,14 @@ async def run_script(
     process.stdin.close()
     killpoints.reached(f"{stage}_running")
     tail: deque[str] = deque(maxlen=TAIL_LINES)
+    ended = asyncio.Event()
     reader = asyncio.create_task(
-        _copy_output(
-            process.stdout,
+        _follow_output(
             log_path,
+            offset,
             script,
             tail,
+            ended,
             first_line=lambda: killpoints.reached(f"{stage}_output"),
         )
     )
@@ -151,7 +152,7 @@ async def run_script(
         await _kill_group(process, grace=0.5)  # the agent is stopping: be quick
         raise
     finally:
-        # Children left in the background may hold the pipe open: stop reading soon.
+        ended.set()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(reader), 1.0)
         reader.cancel()
@@ -224,37 +225,42 @@ async def _kill_group(process: asyncio.subprocess.Process, grace: float = KILL_G
             continue
 
 
-async def _copy_output(
-    stream: asyncio.StreamReader,
+async def _follow_output(
     log_path: Path,
+    offset: int,
     script: str,
     tail: deque[str],
+    ended: asyncio.Event,
     first_line: Callable[[], None] | None = None,
 ) -> None:
-    written = 0
-    with log_path.open("ab") as out:
-        out.write(f"--- {script}\n".encode())
+    """Echo the lines the wrapper appends to ``log_path`` from ``offset``, until ``ended``."""
+    pending = b""
+    with log_path.open("rb") as log_file:
+        log_file.seek(offset)
         while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line longer than the stream limit
-                line = await stream.read(64 * 1024)
-            if not line:
+            finished = ended.is_set()  # read once more after the end: nothing is missed
+            chunk = log_file.read(64 * 1024)
+            if chunk:
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if first_line is not None:
+                        first_line()
+                        first_line = None
+                    _echo(script, line, tail)
+                continue
+            if finished:
                 break
-            if first_line is not None:
-                first_line()
-                first_line = None
-            text = line.decode(errors="replace").rstrip()
-            if text:
-                tail.append(text[:200])
-                log.info("%s: %s", script, text[:500])
-            if written < LOG_LIMIT:
-                chunk = line[: LOG_LIMIT - written]
-                out.write(chunk)
-                written += len(chunk)
-                if written >= LOG_LIMIT:
-                    out.write(b"\n[output truncated]\n")
-            out.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), FOLLOW_PERIOD)
+    if pending:
+        _echo(script, pending, tail)
+
+
+def _echo(script: str, line: bytes, tail: deque[str]) -> None:
+    text = line.decode(errors="replace").rstrip()
+    if text:
+        tail.append(text[:200])
+        log.info("%s: %s", script, text[:500])
 
 
 def prune_logs(folder: Path, keep: int) -> None:

@@ -68,6 +68,8 @@ class Faults:
     """Answer every ``Range`` request with 416."""
     swap_after_head: Path | None = None
     """Publish this file right after the next HEAD (the release changes before GET)."""
+    head_headers: dict[str, str] = field(default_factory=dict)
+    """Headers a HEAD answer sends in place of the computed ones (a lying server)."""
 
 
 @dataclass
@@ -241,6 +243,13 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         self.end_headers()
+
+    def send_header(self, keyword: str, value: str) -> None:
+        lies = self.server.releases.faults.head_headers if self.command == "HEAD" else {}
+        replaced = {k.lower(): v for k, v in lies.items()}
+        if keyword.lower() in replaced:
+            value = replaced[keyword.lower()]
+        super().send_header(keyword, value)
 
     def _empty(self, seen: Seen, status: int, extra: dict[str, str] | None = None) -> None:
         seen.status = status

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOOKS := $(wildcard hooks/*/pyproject.toml)
 
-.PHONY: demo test lint types unit bench install install-test clean
+.PHONY: demo test lint types unit bench reliability-report install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ unit: install-test
 	$(BIN)/pytest
 
 test: lint types unit
+
+# Every defence of the device, one row each: the kill-point matrix, download faults,
+# hostile and corrupt releases, the journal's edges.
+reliability-report: install-test
+	$(BIN)/python tools/reliability_report.py
 
 bench: install-test
 	$(BIN)/python bench/download.py

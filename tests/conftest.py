@@ -17,6 +17,18 @@ def dummy_log(tmp_path: Path) -> Path:
     return tmp_path / "dummy-calls.jsonl"
 
 
+@pytest.fixture(autouse=True)
+def _reliability_case(
+    request: pytest.FixtureRequest, record_property: Callable[[str, object], None]
+) -> None:
+    """For ``make reliability-report``: a reliability case's docstring says what it expects."""
+    if request.node.get_closest_marker("reliability") is not None:
+        function = getattr(request.node, "function", None)
+        doc = ((function.__doc__ if function else None) or "").strip()
+        if doc:
+            record_property("doc", doc.splitlines()[0])
+
+
 def read_calls(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

@@ -12,6 +12,8 @@ import pytest
 
 from connhex_edge_ota.archive import ArchiveError, Limits, check_archive, unpack
 
+pytestmark = pytest.mark.reliability
+
 
 def make_zip(path: Path, members: Sequence[tuple[str, bytes, int | None]]) -> Path:
     """members: (name, data, unix mode or None)."""

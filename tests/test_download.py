@@ -16,6 +16,8 @@ from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.state import Journal, Partial
 from connhex_edge_ota.store import Store
 
+pytestmark = pytest.mark.reliability
+
 MIB = 1024 * 1024
 
 

@@ -16,6 +16,8 @@ from connhex_edge_ota.signing import keygen
 from connhex_edge_ota.testing import OtaAgent, StatusWatcher
 from tests.conftest import read_calls, wait_until
 
+pytestmark = pytest.mark.reliability
+
 
 def alive(pid: int) -> bool:
     try:

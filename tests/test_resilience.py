@@ -18,6 +18,8 @@ from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.testing import OtaAgent, StatusWatcher
 from tests.conftest import read_calls, wait_until
 
+pytestmark = pytest.mark.reliability
+
 MIB = 1024 * 1024
 
 

@@ -135,6 +135,8 @@ class Server:
         mismatch deletes the file; a cut, a stall or a full disk keep it for the
         next try.
         """
+        if _already_here(release):  # renamed just before a stop could record it
+            return 0
         part = release.part_path
         offset = _resumable_bytes(part, partial)
         _check_space(part.parent, release.size - offset, self.settings.free_space_margin)
@@ -255,6 +257,18 @@ def _receive(
     if cancel.is_set():
         raise ServerError(f"download stopped at {written} of {release.size} bytes; will resume")
     return written - offset
+
+
+def _already_here(release: Release) -> bool:
+    """Whether ``release.path`` already holds the verified release (hashed again to know)."""
+    try:
+        if release.path.stat().st_size != release.size:
+            return False
+    except OSError:
+        return False
+    return format_content_digest(_hash_prefix(release.path, release.size).digest()) == (
+        release.digest
+    )
 
 
 def _resumable_bytes(part: Path, partial: Partial) -> int:

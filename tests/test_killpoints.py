@@ -50,6 +50,8 @@ class Row:
     """The script (update/rollback) that sleeps on its first run, to be found running."""
     health_asks: int | None = None
     """Calls of ota_post_install, both processes together (None: not checked)."""
+    fetched: float | None = None
+    """Bytes of GET bodies, in releases, both processes together (None: not checked)."""
 
     @property
     def expected(self) -> str:
@@ -58,6 +60,8 @@ class Row:
         parts.append(f"rollback.sh x{self.rollbacks}")
         if self.health_asks is not None:
             parts.append(f"health asked x{self.health_asks}")
+        if self.fetched is not None:
+            parts.append(f"release fetched x{self.fetched:g}")
         if self.error:
             parts.append(f"error has {self.error!r}")
         return ", ".join(parts)
@@ -69,8 +73,8 @@ ROWS = [
     Row("download_started", OK, 1, health_asks=1),
     Row("download_checkpoint@1", OK, 1),
     Row("download_checkpoint@2", OK, 1),
-    Row("download_verified", OK, 1),
-    Row("download_renamed", OK, 1),
+    Row("download_verified", OK, 1, fetched=1),
+    Row("download_renamed", OK, 1, fetched=1),
     Row("install_recorded", OK, 1),
     Row("unpack_member@2", OK, 1),
     Row("unpack_staged", OK, 1),
@@ -190,6 +194,10 @@ def test_kill_9_at_each_point_then_restart(
     )
     if row.health_asks is not None:
         observed += f", health asked x{health}"
+    fetched = sum(r.sent for r in release_server.releases.requests if r.method == "GET")
+    fetched_share = round(fetched / zip_path.stat().st_size, 2)
+    if row.fetched is not None:
+        observed += f", release fetched x{fetched_share:g}"
     if row.error:
         observed += f", error {final.error!r}"
     record_property("observed", observed)
@@ -201,6 +209,8 @@ def test_kill_9_at_each_point_then_restart(
     assert runs(tmp_path, "new-rollback") == row.rollbacks
     if row.health_asks is not None:
         assert health == row.health_asks
+    if row.fetched is not None:
+        assert fetched_share == row.fetched
     # The running release is untouched: its rollback.sh never ran, its daemon lives.
     current, daemon = old_release
     assert runs(tmp_path, "old-rollback") == 0

@@ -13,7 +13,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -21,8 +21,9 @@ from pathlib import Path
 import requests
 from pydantic import ValidationError
 
-from connhex_edge_ota import __version__, killpoints
+from connhex_edge_ota import __version__, delta, killpoints
 from connhex_edge_ota.config import OtaSettings
+from connhex_edge_ota.delta import NoDelta
 from connhex_edge_ota.digest import DigestError, format_content_digest, parse_content_digest
 from connhex_edge_ota.release import Release, UnsafeVersionError, check_version
 from connhex_edge_ota.state import Offer, Partial
@@ -34,6 +35,18 @@ CHUNK = 64 * 1024
 CHECKPOINT = 4 * 1024 * 1024
 """Bytes between fsyncs of a partial download: what a power cut can cost."""
 _MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What one download call fetched, and how."""
+
+    how: str
+    """``full``, ``resumed``, ``delta`` or ``kept`` (already complete here)."""
+    fetched: int
+    """Bytes received over the network."""
+    total: int
+    """Bytes it planned to fetch."""
 
 
 @dataclass
@@ -125,24 +138,56 @@ class Server:
         release: Release,
         partial: Partial,
         save_partial: Callable[[Partial], None],
-        progress: Callable[[int], None],
+        progress: Callable[[int, int], None],
         cancel: threading.Event,
-    ) -> int:
-        """Fetch ``release`` into ``release.path``; returns the bytes received in this call.
+        base: Path | None = None,
+    ) -> Transfer:
+        """Fetch ``release`` into ``release.path``; what was fetched, and how.
 
         Resumes ``<path>.part`` when ``partial`` describes the same release,
-        verifies size and SHA-256, fsyncs and renames atomically. A digest
-        mismatch deletes the file; a cut, a stall or a full disk keep it for the
-        next try.
+        verifies size and SHA-256, fsyncs and renames atomically. With ``base``
+        (the installed release's zip) and ``delta = "auto"``, members that did
+        not change are copied from it and only the rest is fetched (see
+        :mod:`connhex_edge_ota.delta`); any failure of the delta falls back to
+        the whole release, and says so. A digest mismatch deletes the file; a
+        cut, a stall or a full disk keep it for the next try. ``progress`` gets
+        (bytes fetched, bytes to fetch) of this call.
         """
         if _already_here(release):  # renamed just before a stop could record it
-            return 0
+            return Transfer("kept", 0, 0)
         part = release.part_path
         offset = _resumable_bytes(part, partial)
-        _check_space(part.parent, release.size - offset, self.settings.free_space_margin)
+        _make_room(part.parent, release.size - offset, self.settings.free_space_margin, base)
         hasher = _hash_prefix(part, offset)
         if offset == release.size:  # complete before a restart: only verification is left
-            return self._finish(release, part, hasher, 0)
+            self._finish(release, part, hasher)
+            return Transfer("kept", 0, 0)
+        if base is not None and base.is_file() and self.settings.delta == "auto":
+            try:
+                return self._delta(
+                    release, part, offset, hasher, partial, save_partial, progress, cancel, base
+                )
+            except NoDelta as exc:
+                log.warning(
+                    "delta of %s not used: %s; fetching the whole release", release.version, exc
+                )
+                if exc.dropped:
+                    part.unlink(missing_ok=True)
+                    offset = 0
+                hasher = _hash_prefix(part, offset)  # the delta may have written past it
+        return self._full(release, part, offset, hasher, partial, save_partial, progress, cancel)
+
+    def _full(
+        self,
+        release: Release,
+        part: Path,
+        offset: int,
+        hasher: hashlib._Hash,
+        partial: Partial,
+        save_partial: Callable[[Partial], None],
+        progress: Callable[[int, int], None],
+        cancel: threading.Event,
+    ) -> Transfer:
         headers = {"If-Match": release.etag} if release.etag else {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -183,16 +228,138 @@ class Server:
                 offset, hasher = 0, hashlib.sha256()
             else:
                 raise _http_error(response)
+            total = release.size - offset
             received = _receive(
-                response, part, offset, hasher, release, partial, save_partial, progress, cancel
+                paced(response.iter_content(self._chunk()), self.settings.max_download_rate),
+                part,
+                offset,
+                hasher,
+                release,
+                partial,
+                save_partial,
+                lambda written: progress(written - offset, total),
+                cancel,
             )
         done = offset + received
         if done < release.size:
             raise ServerError(f"connection ended at {done} of {release.size} bytes; will resume")
-        return self._finish(release, part, hasher, received)
+        self._finish(release, part, hasher)
+        return Transfer("resumed" if offset else "full", received, total)
+
+    def _chunk(self) -> int:
+        """Bytes per read: smaller under a rate cap, so that pacing stays smooth."""
+        rate = self.settings.max_download_rate
+        return min(CHUNK, max(1024, rate // 10)) if rate else CHUNK
+
+    def _range(self, release: Release, start: int, end: int) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` of the release, pinned to it with ``If-Match``."""
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        if release.etag:
+            headers["If-Match"] = release.etag
+        try:
+            response = self.session.get(
+                self.url,
+                headers=headers,
+                stream=True,
+                timeout=self._timeout(),
+                verify=self.verify,
+                cert=self.cert,
+            )
+        except requests.RequestException as exc:
+            raise ServerError(_network_error(exc)) from None
+        with response:
+            if response.status_code == 412:
+                raise ReleaseChanged("the release changed on the server (412); checking again")
+            if response.status_code == 200:
+                raise NoDelta("the server ignored Range (200)")
+            if response.status_code != 206:
+                raise _http_error(response)
+            if not _range_is(response.headers.get("Content-Range", ""), start, end):
+                raise NoDelta("the server answered another range")
+            sent = 0
+            for chunk in response.iter_content(self._chunk()):
+                sent += len(chunk)
+                if sent > end - start:
+                    raise NoDelta("the server sent more than the range")
+                yield chunk
+            if sent < end - start:
+                raise ServerError(f"connection ended in a range at {start + sent}; will resume")
+
+    def _delta(
+        self,
+        release: Release,
+        part: Path,
+        offset: int,
+        hasher: hashlib._Hash,
+        partial: Partial,
+        save_partial: Callable[[Partial], None],
+        progress: Callable[[int, int], None],
+        cancel: threading.Event,
+        base: Path,
+    ) -> Transfer:
+        limit = self.settings.max_members
+        start, end = delta.tail_range(release.size)
+        tail = b"".join(self._range(release, start, end))
+        cd_start, _ = delta.directory_range(tail, start, release.size)
+        if cd_start < start:
+            tail = b"".join(self._range(release, cd_start, start)) + tail
+            start = cd_start
+        new = delta.parse_directory(tail, start, release.size, limit)
+        known = delta.Known(new.start, release.size, tail[new.start - start :])
+        plan = delta.plan(new, known, release.size, base, delta.read_directory(base, limit))
+        fetched = [release.size - start]  # the tail, already here
+        total = plan.remote_bytes(offset) + fetched[0]
+        if total > delta.MAX_SHARE * (release.size - offset):
+            raise NoDelta(f"it would fetch {total} of {release.size - offset} bytes")
+        log.info(
+            "delta of %s: fetching %d of %d bytes in %d requests; the rest comes from the "
+            "installed release",
+            release.version,
+            total,
+            release.size - offset,
+            plan.requests(offset) + 1,
+        )
+
+        def chunks() -> Iterator[bytes]:
+            for segment in plan.segments:
+                if segment.end <= offset:
+                    continue
+                begin = max(segment.start, offset)
+                if isinstance(segment, delta.Known):
+                    yield segment.data[begin - segment.start :]
+                elif isinstance(segment, delta.Copy):
+                    yield from delta.local_chunks(base, segment, offset, CHUNK * 16)
+                else:
+                    for chunk in paced(
+                        self._range(release, begin, segment.end), self.settings.max_download_rate
+                    ):
+                        fetched[0] += len(chunk)
+                        yield chunk
+
+        received = _receive(
+            chunks(),
+            part,
+            offset,
+            hasher,
+            release,
+            partial,
+            save_partial,
+            lambda _written: progress(fetched[0], total),
+            cancel,
+        )
+        if offset + received < release.size:
+            raise ServerError(f"delta stopped at {offset + received} of {release.size} bytes")
+        try:
+            self._finish(release, part, hasher)
+        except ServerError:
+            raise NoDelta(
+                "the rebuilt file does not match the release digest", dropped=True
+            ) from None
+        log.info("delta of %s done: %d bytes fetched", release.version, fetched[0])
+        return Transfer("delta", fetched[0], total)
 
     @staticmethod
-    def _finish(release: Release, part: Path, hasher: hashlib._Hash, received: int) -> int:
+    def _finish(release: Release, part: Path, hasher: hashlib._Hash) -> None:
         if format_content_digest(hasher.digest()) != release.digest:
             part.unlink(missing_ok=True)
             raise ServerError(
@@ -201,11 +368,10 @@ class Server:
         killpoints.reached("download_verified")
         part.replace(release.path)
         fsync_dir(release.path.parent)
-        return received
 
 
 def _receive(
-    response: requests.Response,
+    chunks: Iterable[bytes],
     part: Path,
     offset: int,
     hasher: hashlib._Hash,
@@ -215,7 +381,7 @@ def _receive(
     progress: Callable[[int], None],
     cancel: threading.Event,
 ) -> int:
-    """Append the body to ``part``, hashing as it goes; the bytes written."""
+    """Append ``chunks`` to ``part``, hashing as it goes; the bytes written."""
     written = offset
     next_checkpoint = offset + CHECKPOINT
     mode = "r+b" if offset else "wb"
@@ -225,7 +391,7 @@ def _receive(
         partial = partial.model_copy(update={"boot_id": boot_id(), "durable": offset})
         save_partial(partial)
         try:
-            for chunk in response.iter_content(CHUNK):
+            for chunk in chunks:
                 if cancel.is_set():
                     break
                 if written + len(chunk) > release.size:
@@ -299,6 +465,17 @@ def _hash_prefix(part: Path, length: int) -> hashlib._Hash:
     return hasher
 
 
+def _make_room(folder: Path, needed: int, margin: int, base: Path | None) -> None:
+    """Refuse to start without room; the installed release zip (kept for deltas) goes first."""
+    if base is not None and base.is_file():
+        try:
+            _check_space(folder, needed, margin)
+        except ServerError:
+            log.warning("little space left: the installed release zip is dropped (no delta)")
+            base.unlink(missing_ok=True)
+    _check_space(folder, needed, margin)
+
+
 def _check_space(folder: Path, needed: int, margin: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed + margin:
@@ -306,6 +483,33 @@ def _check_space(folder: Path, needed: int, margin: int) -> None:
             f"no space: the download needs {needed / _MIB:.1f} MiB plus a "
             f"{margin / _MIB:.0f} MiB margin, {free / _MIB:.1f} MiB free"
         )
+
+
+def _range_is(content_range: str, start: int, end: int) -> bool:
+    match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
+    return bool(match) and (int(match.group(1)), int(match.group(2)) + 1) == (start, end)  # type: ignore[union-attr]
+
+
+def paced(chunks: Iterable[bytes], rate: int) -> Iterator[bytes]:
+    """``chunks`` at no more than ``rate`` bytes per second (0: as they come).
+
+    Each piece is at most a tenth of a second's worth, and the pace is kept
+    from the start of the transfer: no burst ever exceeds a second's worth.
+    """
+    if rate <= 0:
+        yield from chunks
+        return
+    piece = max(1024, rate // 10)
+    began = time.monotonic()
+    sent = 0
+    for chunk in chunks:
+        for at in range(0, len(chunk), piece):
+            part = chunk[at : at + piece]
+            sent += len(part)
+            ahead = sent / rate - (time.monotonic() - began)
+            if ahead > 0:
+                time.sleep(ahead)
+            yield part
 
 
 def _range_starts_at(content_range: str, offset: int) -> bool:

@@ -11,7 +11,7 @@ import difflib
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -107,6 +107,8 @@ EXPECTED: dict[str, str] = {
     "max_ratio": "a compression ratio, one or more",
     "progress_rate": "a number of events per second, greater than zero",
     "log_keep": "a whole number, one or more",
+    "delta": "'auto' (fetch only the members that changed, when it pays) or 'off'",
+    "max_download_rate": "bytes per second, 0 for unlimited",
 }
 
 
@@ -163,6 +165,10 @@ class OtaSettings(BaseSettings):
     max_ratio: float = Field(default=200.0, ge=1)
     progress_rate: float = Field(default=4.0, gt=0)
     log_keep: int = Field(default=10, ge=1)
+    delta: Literal["auto", "off"] = "auto"
+    """Rebuild a release from the installed one's unchanged members, fetching only the rest."""
+    max_download_rate: int = Field(default=0, ge=0)
+    """Bytes per second for downloads (full and delta alike), for metered links; 0: no cap."""
 
     @field_validator("server_url")
     @classmethod

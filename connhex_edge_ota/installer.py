@@ -107,6 +107,10 @@ class Installer:
             expected = verified_manifest(release.path, key)
         need = unpacked_size(members) + self.settings.free_space_margin
         free = shutil.disk_usage(self.store.root).free
+        if free < need and self.store.installed_zip.is_file():
+            log.warning("little space left: the installed release zip is dropped (no delta)")
+            self.store.installed_zip.unlink(missing_ok=True)
+            free = shutil.disk_usage(self.store.root).free
         if free < need:
             raise NoSpace(f"no space to unpack: {need} bytes needed, {free} free")
         try:

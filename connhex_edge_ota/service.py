@@ -252,13 +252,14 @@ class OtaService:
         killpoints.reached("download_started")
         self._cancel.clear()
         try:
-            await in_thread(
+            transfer = await in_thread(
                 self.server.download,
                 release,
                 partial,
                 self._save_partial,
                 self._progress_sink(release),
                 self._cancel,
+                self.store.installed_zip,
             )
         except ServerError as exc:
             return await self._download_failed(exc)
@@ -268,7 +269,14 @@ class OtaService:
             )
         killpoints.reached("download_renamed")
         self.journal.download_done()
-        await self._notify_progress(release, release.size)
+        log.info(
+            "downloaded %s (%s): %d of %d bytes fetched",
+            release.version,
+            transfer.how,
+            transfer.fetched,
+            release.size,
+        )
+        await self._notify_progress(release, transfer.fetched, transfer.total)
         await self._report(StatusName.UPDATE_READY)
         return Result(True)
 
@@ -282,32 +290,34 @@ class OtaService:
         self.journal.download_progress(partial)
         killpoints.reached("download_checkpoint")
 
-    def _progress_sink(self, release: Release) -> Callable[[int], None]:
+    def _progress_sink(self, release: Release) -> Callable[[int, int], None]:
         """A callback for the download thread, rate-limited to ``progress_rate`` per second."""
         loop = asyncio.get_running_loop()
         period = 1.0 / self.settings.progress_rate
         last = [0.0]
 
-        def sink(downloaded: int) -> None:
+        def sink(downloaded: int, total: int) -> None:
             now = time.monotonic()
             if now - last[0] >= period:
                 last[0] = now
                 loop.call_soon_threadsafe(
-                    lambda: asyncio.ensure_future(self._notify_progress(release, downloaded))
+                    lambda: asyncio.ensure_future(self._notify_progress(release, downloaded, total))
                 )
 
         return sink
 
-    async def _notify_progress(self, release: Release, downloaded: int) -> None:
+    async def _notify_progress(self, release: Release, downloaded: int, total: int) -> None:
+        """``ota_on_progress``: bytes fetched of the bytes this download fetches (a delta
+        fetches less than the release's size; the totals say so)."""
         if self.progress_printer is not None:
-            self.progress_printer(downloaded, release.size)
+            self.progress_printer(downloaded, total)
         await notify(
             self.pm,
             "ota_on_progress",
             self.settings.hook_timeout,
             release=release,
             downloaded=downloaded,
-            total=release.size,
+            total=total,
         )
 
     async def install(self, operator: bool = False) -> Result:

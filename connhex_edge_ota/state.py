@@ -370,8 +370,16 @@ class Journal:
         state.latest_version = release.version
         state.failures.pop(release.version, None)
         state.install = None
+        self._keep_for_delta(release)
         self._forget_offer()
         self.save_quietly()
+
+    def _keep_for_delta(self, release: Release) -> None:
+        """The installed zip becomes the base of the next delta download."""
+        try:
+            release.path.replace(self.store.installed_zip)
+        except OSError:
+            self.store.installed_zip.unlink(missing_ok=True)  # a stale base would only cost
 
     def record_failure(self, version: str, error: str, counted: bool = True) -> None:
         """The install of ``version`` failed: forget it, and count it unless ``counted`` is off."""

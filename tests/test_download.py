@@ -67,7 +67,11 @@ class Device:
         def save(p: Partial) -> None:
             self.partial = p
 
-        return self.server.download(release, partial, save, self.progress.append, threading.Event())
+        def progress(done: int, _total: int) -> None:
+            self.progress.append(done)
+
+        transfer = self.server.download(release, partial, save, progress, threading.Event())
+        return transfer.fetched
 
 
 def gets(server: ReleaseServer) -> list[tuple[int, str, int]]:

@@ -293,3 +293,67 @@ def test_no_space_to_unpack_fails_without_running_and_is_retried(
         agent.kill()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_signed_release_installs_only_under_the_version_it_was_signed_for(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    keygen(tmp_path / "k")
+    ran = tmp_path / "ran"
+    signed = make_release(
+        "0.9.0", key=tmp_path / "k", update_sh=f'echo "$CHX_OTA_VERSION_TARGET" >> "{ran}"\n'
+    )
+    folder = release_server.releases.folder
+    # The same signed bytes, published as 9.9.9: a replay of an old release.
+    (folder / "replayed.zip.version").write_text("9.9.9\n")
+    replayed = release_server.releases.publish(signed, name="replayed.zip")
+    agent = ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"))
+    refused = statuses.wait_status("update_failed")
+    assert refused.error == (
+        "release refused: manifest.json: signed for version 0.9.0, offered as 9.9.9"
+    )
+    assert refused.current_version == "1.0.0" and refused.latest_version == "9.9.9"
+    assert not ran.exists()
+    agent.stop()
+
+    own = release_server.releases.publish(signed)  # fw-0.9.0.zip: offered as 0.9.0
+    assert own.read_bytes() == replayed.read_bytes()
+    mark = statuses.mark()
+    ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"))
+    statuses.wait_updated("0.9.0", after=mark)
+    assert ran.read_text() == "0.9.0\n"
+
+
+def test_a_device_with_a_model_installs_only_releases_signed_for_it(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    keygen(tmp_path / "k")
+    ran = tmp_path / "ran"
+    update_sh = f'echo "$CHX_OTA_VERSION_TARGET" >> "{ran}"\n'
+    for version, model in (("2.0.0", "gw-b"), ("2.0.1", "")):
+        release_server.releases.publish(
+            make_release(version, key=tmp_path / "k", model=model, update_sh=update_sh)
+        )
+        mark = statuses.mark()
+        agent = ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"), model="gw-a")
+        refused = statuses.wait_status("update_failed", after=mark)
+        signed_for = f"model {model}" if model else "no model"
+        assert refused.error == (
+            f"release refused: manifest.json: signed for {signed_for}, this device is model gw-a"
+        )
+        agent.stop()
+    release_server.releases.publish(
+        make_release("2.0.2", key=tmp_path / "k", model="gw-a", update_sh=update_sh)
+    )
+    mark = statuses.mark()
+    ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"), model="gw-a")
+    statuses.wait_updated("2.0.2", after=mark)
+    assert ran.read_text() == "2.0.2\n"

@@ -155,30 +155,95 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-async def _copy_output(
-    stream: asyncio.StreamReader, log_path: Path, script: str, tail: deque[str]
-) -> None:
-    written = 0
-    with log_path.open("ab") as out:
-        out.write(f"--- {script}\n".encode())
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line longer than the stream limit
-                line = await stream.read(64 * 1024)
-            if not line:
+ECHO_FIRST = 20
+"""Lines of a script's output the agent's own log shows from the start..."""
+ECHO_LAST = 20
+"""...and from the end; the lines between are counted, and kept only in the script log."""
+_READ_SIZE = 64 * 1024
+_LINE_LIMIT = 64 * 1024
+"""An unfinished line longer than this is treated as a line of its own."""
+
+
+class _Echo:
+    """The agent's log of one script run: the first and last lines, and how many were left out."""
+
+    def __init__(self, script: str, log_path: Path, tail: deque[str]) -> None:
+        self.script = script
+        self.log_path = log_path
+        self.tail = tail
+        self.shown = 0
+        self.held: deque[bytes] = deque(maxlen=ECHO_LAST)
+        self.after_first = 0
+        self.done = False
+
+    def lines(self, lines: list[bytes]) -> None:
+        index = 0
+        while self.shown < ECHO_FIRST and index < len(lines):
+            self._show(lines[index])
+            self.shown += 1
+            index += 1
+        rest = lines[index:]
+        self.after_first += len(rest)
+        self.held.extend(rest[-ECHO_LAST:])
+        recent: list[str] = []
+        for line in reversed(lines):  # only the last few lines matter for the error
+            if len(recent) == self.tail.maxlen:
                 break
             text = line.decode(errors="replace").rstrip()
             if text:
-                tail.append(text[:200])
-                log.info("%s: %s", script, text[:500])
-            if written < LOG_LIMIT:
-                chunk = line[: LOG_LIMIT - written]
-                out.write(chunk)
-                written += len(chunk)
-                if written >= LOG_LIMIT:
-                    out.write(b"\n[output truncated]\n")
-            out.flush()
+                recent.append(text[:200])
+        self.tail.extend(reversed(recent))
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        left_out = self.after_first - len(self.held)
+        if left_out:
+            log.info(
+                "%s: [%d lines of output left out here; %s keeps the first %d bytes]",
+                self.script,
+                left_out,
+                self.log_path,
+                LOG_LIMIT,
+            )
+        for line in self.held:
+            self._show(line)
+
+    def _show(self, line: bytes) -> None:
+        text = line.decode(errors="replace").rstrip()
+        if text:
+            log.info("%s: %s", self.script, text[:500])
+
+
+async def _copy_output(
+    stream: asyncio.StreamReader, log_path: Path, script: str, tail: deque[str]
+) -> None:
+    """Copy the output to ``log_path`` (at most LOG_LIMIT bytes) and, bounded, to the log."""
+    echo = _Echo(script, log_path, tail)
+    written = 0
+    pending = b""
+    try:
+        with log_path.open("ab") as out:
+            out.write(f"--- {script}\n".encode())
+            while chunk := await stream.read(_READ_SIZE):
+                if written < LOG_LIMIT:
+                    kept = chunk[: LOG_LIMIT - written]
+                    out.write(kept)
+                    written += len(kept)
+                    if written >= LOG_LIMIT:
+                        out.write(b"\n[output truncated]\n")
+                    out.flush()
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                if len(pending) > _LINE_LIMIT:
+                    lines.append(pending)
+                    pending = b""
+                echo.lines(lines)
+            if pending:
+                echo.lines([pending])
+    finally:
+        echo.finish()
 
 
 def prune_logs(folder: Path, keep: int) -> None:

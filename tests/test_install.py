@@ -357,3 +357,25 @@ def test_a_device_with_a_model_installs_only_releases_signed_for_it(
     ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"), model="gw-a")
     statuses.wait_updated("2.0.2", after=mark)
     assert ran.read_text() == "2.0.2\n"
+
+
+def test_a_flood_of_script_output_leaves_the_agent_log_bounded(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+) -> None:
+    blocks = 1_304_348  # 30 MB of output
+    flood = f'yes "firmware block written" | head -n {blocks}\necho "all done"\n'
+    release_server.releases.publish(make_release("9.1.0", update_sh=flood))
+    agent = ota_agent(auto_install=True)
+    statuses.wait_updated("9.1.0")
+    agent.stop()
+    output = agent.output()
+    echoed = output.count("update.sh: firmware block written")
+    assert echoed == 20 + 19  # the first 20 lines, and the last 20 but "all done"
+    assert f"update.sh: [{blocks + 1 - 40} lines of output left out here; " in output
+    assert output.count("update.sh: all done") == 1
+    assert len(output.encode()) < 256 * 1024, f"the agent log grew to {len(output)} bytes"
+    script_log = agent.store / "logs" / "9.1.0.log"
+    assert script_log.stat().st_size < 1024 * 1024 + 1024

@@ -22,7 +22,13 @@ import requests
 
 from connhex_edge_ota import __version__
 from connhex_edge_ota.config import OtaSettings
-from connhex_edge_ota.digest import DigestError, format_content_digest, parse_content_digest
+from connhex_edge_ota.digest import (
+    DigestError,
+    format_digest,
+    new_hasher,
+    offered_digest,
+    stored_digest,
+)
 from connhex_edge_ota.release import Release, UnsafeVersionError, check_version
 from connhex_edge_ota.store import Offer, Partial, boot_id, fsync_dir
 
@@ -136,7 +142,7 @@ class Server:
         part = release.part_path
         offset = _resumable_bytes(part, partial)
         _check_space(part.parent, release.size - offset, self.settings.free_space_margin)
-        hasher = _hash_prefix(part, offset)
+        hasher = _hash_prefix(part, offset, release.digest)
         if offset == release.size:  # complete before a restart: only verification is left
             return self._finish(release, part, hasher, 0)
         headers = {"If-Match": release.etag} if release.etag else {}
@@ -176,7 +182,7 @@ class Server:
                     log.info(
                         "server ignored the range; downloading %s from the start", release.version
                     )
-                offset, hasher = 0, hashlib.sha256()
+                offset, hasher = 0, new_hasher(release.digest)
             else:
                 raise _http_error(response)
             received = _receive(
@@ -189,7 +195,7 @@ class Server:
 
     @staticmethod
     def _finish(release: Release, part: Path, hasher: hashlib._Hash, received: int) -> int:
-        if format_content_digest(hasher.digest()) != release.digest:
+        if hasher.digest() != stored_digest(release.digest)[1]:
             part.unlink(missing_ok=True)
             raise ServerError(
                 "digest mismatch: the downloaded file was deleted", partial_dropped=True
@@ -268,8 +274,8 @@ def _resumable_bytes(part: Path, partial: Partial) -> int:
     return min(size, partial.size)
 
 
-def _hash_prefix(part: Path, length: int) -> hashlib._Hash:
-    hasher = hashlib.sha256()
+def _hash_prefix(part: Path, length: int, digest: str) -> hashlib._Hash:
+    hasher = new_hasher(digest)
     if length:
         with part.open("rb") as file:
             remaining = length
@@ -307,9 +313,8 @@ def _offer(response: requests.Response) -> Offer:
         size = int(headers.get("Content-Length", ""))
     except ValueError:
         raise ServerError("server sent no valid Content-Length") from None
-    digest_header = headers.get("Content-Digest") or headers.get("Digest", "")
     try:
-        digest = format_content_digest(parse_content_digest(digest_header))
+        digest = format_digest(*offered_digest(headers))
     except DigestError as exc:
         raise ServerError(f"refused release {version}: {exc}") from None
     return Offer(

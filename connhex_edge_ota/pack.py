@@ -90,7 +90,10 @@ def check_release(
         manifest = verified_manifest(path, public_key)
         expected: dict[str, tuple[int, str]] | None = manifest.files
     else:
-        manifest = read_manifest(path) or Manifest()
+        try:  # shown, not enforced: an unsigned release may carry its own manifest.json
+            manifest = read_manifest(path) or Manifest()
+        except ArchiveError:
+            manifest = Manifest()
         expected = None
     with tempfile.TemporaryDirectory(prefix="connhex-ota-verify-") as scratch:
         unpack(path, members, Path(scratch) / "current", expected)

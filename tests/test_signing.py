@@ -177,3 +177,13 @@ def test_a_manifest_signed_before_versions_were_signed_has_no_version(
     assert manifest.version == ""
     with pytest.raises(ArchiveError, match="signed without a version"):
         check_identity(manifest, "1.0", "")
+
+
+def test_an_unsigned_release_may_carry_a_manifest_json_of_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "web.zip"
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("update.sh", "echo hi\n")
+        archive.writestr(MANIFEST, '{"name": "my web app", "icons": []}')
+    assert check_release(out, None) == Manifest()
+    shown = cli("verify", str(out))
+    assert shown.returncode == 0 and "no manifest; signature not checked" in shown.stdout

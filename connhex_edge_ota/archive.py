@@ -186,11 +186,12 @@ def _why(exc: BaseException) -> str:
         ("Truncated file header", "truncated local header"),
         ("Overlapped entries", "overlaps another member"),
         ("compression method is not supported", "compression method not supported"),
-        ("encrypted", "encrypted member"),
         ("File is not a zip file", "not a valid zip file"),
         ("Truncated central directory", "not a valid zip file: truncated central directory"),
         ("Bad magic number for central directory", "not a valid zip file: broken directory"),
     )
+    if isinstance(exc, RuntimeError) and "encrypted" in text:
+        return "encrypted member"
     for needle, reason in known:
         if needle in text:
             return reason

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from connhex_edge_ota.archive import ArchiveError, Limits, check_archive, read_member, unpack
+from connhex_edge_ota.archive import (
+    ArchiveError,
+    Limits,
+    Member,
+    check_archive,
+    read_member,
+    unpack,
+)
 
 
 def make_zip(path: Path, members: Sequence[tuple[str, bytes, int | None]]) -> Path:
@@ -376,3 +383,24 @@ def test_failed_unpack_leaves_current_untouched(tmp_path: Path) -> None:
         unpack(path, check_archive(path, Limits()), current, {"update.sh": (8, UPDATE_SHA)})
     assert (current / "old.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "r.zip"]
+
+
+@pytest.mark.parametrize(
+    ("defect", "error"),
+    [
+        (_deflate64, "payload.bin: compression method not supported"),
+        (_encrypted, "payload.bin: encrypted member"),
+        (_crc_mismatch, "payload.bin: CRC-32 mismatch: the data is corrupt"),
+        (_corrupt_deflate, "payload.bin: corrupt compressed data"),
+    ],
+)
+def test_unpack_alone_also_turns_read_errors_into_archive_errors(
+    tmp_path: Path, defect: Callable[[Path], None], error: str
+) -> None:
+    path = tmp_path / "r.zip"
+    defect(path)
+    with zipfile.ZipFile(path) as archive:  # as if check_archive had been skipped
+        members = [Member(info.filename, info) for info in archive.infolist()]
+    with pytest.raises(ArchiveError) as refused:
+        unpack(path, members, tmp_path / "current", None)
+    assert str(refused.value) == error

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -14,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from connhex_edge_ota.archive import (
     ArchiveError,
@@ -404,3 +408,37 @@ def test_unpack_alone_also_turns_read_errors_into_archive_errors(
     with pytest.raises(ArchiveError) as refused:
         unpack(path, members, tmp_path / "current", None)
     assert str(refused.value) == error
+
+
+_SAMPLE = io.BytesIO()
+with zipfile.ZipFile(_SAMPLE, "w", compression=zipfile.ZIP_DEFLATED) as _archive:
+    _archive.writestr("update.sh", b"echo hi\n")
+    _archive.writestr("dir/payload.bin", bytes(range(256)) * 4)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(_SAMPLE.getvalue()) - 1), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(0, len(_SAMPLE.getvalue())),
+)
+def test_a_damaged_archive_only_ever_raises_archive_error(
+    tmp_path: Path, changes: list[tuple[int, int]], cut: int
+) -> None:
+    data = bytearray(_SAMPLE.getvalue())
+    for position, value in changes:
+        data[position] = value
+    path = tmp_path / "r.zip"
+    path.write_bytes(bytes(data[: max(cut, len(data) - 40)]))
+    target = tmp_path / "current"
+    try:
+        unpack(path, check_archive(path, Limits()), target, None)
+    except ArchiveError as exc:
+        assert str(exc)
+        assert not target.exists()
+    shutil.rmtree(target, ignore_errors=True)

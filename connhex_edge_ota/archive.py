@@ -1,22 +1,31 @@
 """Release zips: refuse a hostile or broken archive as a whole, then unpack it safely.
 
-Nothing from the archive is trusted: member names, types, sizes and counts are
-checked before a single byte is written, and the unpacked tree is built in a
-temporary folder that replaces ``current/`` only once complete.
+Nothing from the archive is trusted: the member count and the size of the
+central directory are checked before zipfile parses it (zipdirectory.py); member
+names, types, sizes and ratios before a single byte is written; and the
+unpacked tree is built in a temporary folder that replaces ``current/`` only once
+complete. Whatever goes wrong while reading the archive is an ArchiveError
+``"<member>: <why>"``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import lzma
 import os
 import shutil
 import stat
+import struct
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from connhex_edge_ota import killpoints
+from connhex_edge_ota.zipdirectory import DirectoryError, count_entries, end_record
 
 UPDATE_SCRIPT = "update.sh"
 ROLLBACK_SCRIPT = "rollback.sh"
@@ -28,11 +37,44 @@ class ArchiveError(ValueError):
     """A release file that must not be unpacked; the message names the member."""
 
 
+RATIO_SLACK = 4096
+"""Bytes a member (or the archive) may unpack to beyond ``max_ratio`` times its
+compressed size: tiny members compress at odd ratios, and this bounds what a
+member can add to a bomb, since the archive as a whole is held to the ratio too."""
+DIRECTORY_BYTES_PER_MEMBER = 1024
+"""Central directory bytes allowed per member (46 fixed, the name, extras, comment)."""
+_DIRECTORY_FLOOR = 64 * 1024
+_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflated",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
+_READ_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    NotImplementedError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    struct.error,
+    zlib.error,
+    lzma.LZMAError,
+    UnicodeDecodeError,
+)
+
+
 @dataclass(frozen=True)
 class Limits:
     max_members: int = 10_000
     max_unpacked_size: int = 8 * 1024**3
     max_ratio: float = 200.0
+
+    @property
+    def max_directory_size(self) -> int:
+        """The largest central directory read: proportional to ``max_members``."""
+        return max(_DIRECTORY_FLOOR, self.max_members * DIRECTORY_BYTES_PER_MEMBER)
 
 
 @dataclass(frozen=True)
@@ -48,16 +90,12 @@ class Member:
 
 def check_archive(path: Path, limits: Limits) -> list[Member]:
     """The members of ``path`` when it is a safe release; ArchiveError otherwise."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ArchiveError(f"not a valid zip file: {exc}") from None
-    if len(infos) > limits.max_members:
-        raise ArchiveError(f"{len(infos)} members, more than the limit of {limits.max_members}")
+    with _reading(path.name), path.open("rb") as file:
+        infos = _directory(file, path.name, limits)
     members: list[Member] = []
     seen: set[str] = set()
     total = 0
+    compressed = 0
     for info in infos:
         name = _safe_name(info.filename)
         _check_type(info, name)
@@ -65,14 +103,18 @@ def check_archive(path: Path, limits: Limits) -> list[Member]:
         if key in seen:
             raise ArchiveError(f"{name}: duplicate member")
         seen.add(key)
+        _check_encoding(info, name)
         total += info.file_size
+        compressed += info.compress_size
         if total > limits.max_unpacked_size:
             raise ArchiveError(f"unpacked size above the limit of {limits.max_unpacked_size} bytes")
-        if info.file_size > 1024 * 1024 and info.file_size > limits.max_ratio * max(
-            info.compress_size, 1
-        ):
+        if info.file_size > limits.max_ratio * info.compress_size + RATIO_SLACK:
             raise ArchiveError(f"{name}: compression ratio above {limits.max_ratio:g}")
         members.append(Member(key, info))
+    if total > limits.max_ratio * compressed + RATIO_SLACK:
+        raise ArchiveError(
+            f"{path.name}: compression ratio of the archive as a whole above {limits.max_ratio:g}"
+        )
     names = {m.name for m in members if not m.is_dir}
     if UPDATE_SCRIPT not in names:
         raise ArchiveError(f"no {UPDATE_SCRIPT} at the root of the release")
@@ -82,6 +124,85 @@ def check_archive(path: Path, limits: Limits) -> list[Member]:
             if str(parent) in names:
                 raise ArchiveError(f"{member.name}: {parent} is both a file and a folder")
     return members
+
+
+def _directory(file: BinaryIO, label: str, limits: Limits) -> list[zipfile.ZipInfo]:
+    """The entries of the zip open as ``file``, parsed only once count and size are in bounds."""
+    try:
+        directory = end_record(file)
+        if directory.entries > limits.max_members:
+            raise ArchiveError(
+                f"{label}: {directory.entries} members, more than the limit of {limits.max_members}"
+            )
+        if directory.size > limits.max_directory_size:
+            raise ArchiveError(
+                f"{label}: central directory of {directory.size} bytes, more than the limit "
+                f"of {limits.max_directory_size} for {limits.max_members} members"
+            )
+        found = count_entries(file, directory, limits.max_members)
+    except DirectoryError as exc:
+        raise ArchiveError(f"{label}: not a valid zip file: {exc}") from None
+    if found > limits.max_members:
+        raise ArchiveError(
+            f"{label}: more than the limit of {limits.max_members} members in the central "
+            f"directory (its end record says {directory.entries})"
+        )
+    if found != directory.entries:
+        raise ArchiveError(
+            f"{label}: the central directory holds {found} entries, "
+            f"its end record says {directory.entries}"
+        )
+    file.seek(0)
+    with zipfile.ZipFile(file) as archive:
+        return archive.infolist()
+
+
+def _check_encoding(info: zipfile.ZipInfo, name: str) -> None:
+    if info.flag_bits & 0x1:
+        raise ArchiveError(f"{name}: encrypted member")
+    if info.compress_type not in _METHODS:
+        raise ArchiveError(f"{name}: compression method {info.compress_type} not supported")
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+        raise ArchiveError(f"{name}: stored member whose sizes disagree")
+
+
+@contextlib.contextmanager
+def _reading(member: str) -> Iterator[None]:
+    """Turn whatever zipfile or the file raises while reading ``member`` into ArchiveError."""
+    try:
+        yield
+    except ArchiveError:
+        raise
+    except _READ_ERRORS as exc:
+        raise ArchiveError(f"{member}: {_why(exc)}") from None
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for an error raised while reading an archive."""
+    text = str(exc)
+    known = (
+        ("Bad CRC-32", "CRC-32 mismatch: the data is corrupt"),
+        ("File name in directory", "local header disagrees with the central directory"),
+        ("Bad magic number for file header", "no local header where the directory points"),
+        ("Truncated file header", "truncated local header"),
+        ("Overlapped entries", "overlaps another member"),
+        ("compression method is not supported", "compression method not supported"),
+        ("File is not a zip file", "not a valid zip file"),
+        ("Truncated central directory", "not a valid zip file: truncated central directory"),
+        ("Bad magic number for central directory", "not a valid zip file: broken directory"),
+    )
+    if isinstance(exc, RuntimeError) and "encrypted" in text:
+        return "encrypted member"
+    for needle, reason in known:
+        if needle in text:
+            return reason
+    if isinstance(exc, EOFError):
+        return "truncated: the data ends early"
+    if isinstance(exc, (zlib.error, lzma.LZMAError)):
+        return "corrupt compressed data"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot be read: {exc.strerror}"
+    return f"unreadable ({type(exc).__name__}: {text[:80]})"
 
 
 def unpacked_size(members: list[Member]) -> int:
@@ -125,7 +246,9 @@ def unpack(
     _remove(staging)
     staging.mkdir(mode=0o755)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with _reading(path.name):
+            archive = zipfile.ZipFile(path)
+        with archive:
             for member in members:
                 _extract(archive, member, staging, expected)
                 killpoints.reached("unpack_member")
@@ -166,13 +289,22 @@ def _extract(
     size = 0
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(dest, flags, 0o755 if executable else 0o644)
-    with os.fdopen(fd, "wb") as out, archive.open(member.info) as source:
-        while block := source.read(256 * 1024):
-            size += len(block)
-            if size > member.info.file_size:  # never trust the declared size alone
-                raise ArchiveError(f"{member.name}: larger than declared")
-            hasher.update(block)
-            out.write(block)
+    with os.fdopen(fd, "wb") as out:
+        with _reading(member.name):
+            source = archive.open(member.info)
+        with source:
+            while True:
+                with _reading(member.name):  # disk errors while writing stay OSError
+                    block = source.read(256 * 1024)
+                if not block:
+                    break
+                size += len(block)
+                if size > member.info.file_size:  # never trust the declared size alone
+                    raise ArchiveError(f"{member.name}: larger than declared")
+                hasher.update(block)
+                out.write(block)
+    if size != member.info.file_size:
+        raise ArchiveError(f"{member.name}: smaller than declared")
     if expected is not None and member.name in expected:
         want_size, want_hash = expected[member.name]
         if size != want_size or hasher.hexdigest() != want_hash:
@@ -188,7 +320,7 @@ def _remove(path: Path) -> None:
 
 def read_member(path: Path, name: str, limit: int = 16 * 1024 * 1024) -> bytes | None:
     """The bytes of member ``name`` (at most ``limit``), or None when absent."""
-    with zipfile.ZipFile(path) as archive:
+    with _reading(name), zipfile.ZipFile(path) as archive:
         try:
             info = archive.getinfo(name)
         except KeyError:

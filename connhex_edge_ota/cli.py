@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("dir", type=Path)
     pack.add_argument("-o", "--output", type=Path, required=True)
     pack.add_argument("--key", type=Path, help="Ed25519 private key (PEM) to sign with")
+    pack.add_argument(
+        "--version",
+        dest="release_version",
+        default="",
+        help="the release's version, recorded in the manifest (required with --key)",
+    )
+    pack.add_argument("--model", default="", help="the device type the release is for")
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair: KEY and KEY.pub")
     keygen.add_argument("key", type=Path)
     verify = sub.add_parser("verify", help="check a release file as the installer would")
@@ -206,11 +213,14 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from connhex_edge_ota.pack import pack
+    from connhex_edge_ota.pack import PackUsageError, pack
     from connhex_edge_ota.signing import KeyFileError
 
     try:
-        out = pack(args.dir, args.output, args.key)
+        out = pack(args.dir, args.output, args.key, args.release_version, args.model)
+    except PackUsageError as exc:
+        print(f"pack: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ArchiveError, KeyFileError) as exc:
         print(f"pack: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -236,11 +246,17 @@ def _verify(args: argparse.Namespace) -> int:
 
     try:
         key = load_public_key(args.public_key) if args.public_key else None
-        check_release(args.zip, key, Limits())
+        manifest = check_release(args.zip, key, Limits())
     except (ArchiveError, KeyFileError) as exc:
         print(f"{args.zip}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{args.zip}: ok" + (" (signature verified)" if args.public_key else ""))
+    identity = f"version {manifest.version or '(none)'}, model {manifest.model or '(any)'}"
+    if args.public_key:
+        print(f"{args.zip}: ok, signature verified; signed for {identity}")
+    elif manifest.files:
+        print(f"{args.zip}: ok; manifest says {identity} (signature not checked)")
+    else:
+        print(f"{args.zip}: ok (no manifest; signature not checked)")
     return EXIT_OK
 
 

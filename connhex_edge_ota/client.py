@@ -24,7 +24,13 @@ from pydantic import ValidationError
 from connhex_edge_ota import __version__, delta, killpoints
 from connhex_edge_ota.config import OtaSettings
 from connhex_edge_ota.delta import NoDelta
-from connhex_edge_ota.digest import DigestError, format_content_digest, parse_content_digest
+from connhex_edge_ota.digest import (
+    DigestError,
+    format_digest,
+    new_hasher,
+    offered_digest,
+    stored_digest,
+)
 from connhex_edge_ota.release import Release, UnsafeVersionError, check_version
 from connhex_edge_ota.state import Offer, Partial
 from connhex_edge_ota.store import boot_id, fsync_dir
@@ -158,7 +164,7 @@ class Server:
         part = release.part_path
         offset = _resumable_bytes(part, partial)
         _make_room(part.parent, release.size - offset, self.settings.free_space_margin, base)
-        hasher = _hash_prefix(part, offset)
+        hasher = _hash_prefix(part, offset, release.digest)
         if offset == release.size:  # complete before a restart: only verification is left
             self._finish(release, part, hasher)
             return Transfer("kept", 0, 0)
@@ -174,7 +180,7 @@ class Server:
                 if exc.dropped:
                     part.unlink(missing_ok=True)
                     offset = 0
-                hasher = _hash_prefix(part, offset)  # the delta may have written past it
+                hasher = _hash_prefix(part, offset, release.digest)  # the delta wrote on
         return self._full(release, part, offset, hasher, partial, save_partial, progress, cancel)
 
     def _full(
@@ -225,7 +231,7 @@ class Server:
                     log.info(
                         "server ignored the range; downloading %s from the start", release.version
                     )
-                offset, hasher = 0, hashlib.sha256()
+                offset, hasher = 0, new_hasher(release.digest)
             else:
                 raise _http_error(response)
             total = release.size - offset
@@ -360,7 +366,7 @@ class Server:
 
     @staticmethod
     def _finish(release: Release, part: Path, hasher: hashlib._Hash) -> None:
-        if format_content_digest(hasher.digest()) != release.digest:
+        if hasher.digest() != stored_digest(release.digest)[1]:
             part.unlink(missing_ok=True)
             raise ServerError(
                 "digest mismatch: the downloaded file was deleted", partial_dropped=True
@@ -432,9 +438,8 @@ def _already_here(release: Release) -> bool:
             return False
     except OSError:
         return False
-    return format_content_digest(_hash_prefix(release.path, release.size).digest()) == (
-        release.digest
-    )
+    hasher = _hash_prefix(release.path, release.size, release.digest)
+    return hasher.digest() == stored_digest(release.digest)[1]
 
 
 def _resumable_bytes(part: Path, partial: Partial) -> int:
@@ -451,8 +456,8 @@ def _resumable_bytes(part: Path, partial: Partial) -> int:
     return min(size, partial.size)
 
 
-def _hash_prefix(part: Path, length: int) -> hashlib._Hash:
-    hasher = hashlib.sha256()
+def _hash_prefix(part: Path, length: int, digest: str) -> hashlib._Hash:
+    hasher = new_hasher(digest)
     if length:
         with part.open("rb") as file:
             remaining = length
@@ -529,9 +534,8 @@ def _offer(response: requests.Response) -> Offer:
         shown = f": {length[:20]!r}" if length else ""
         raise ServerError(f"refused release {version}: invalid Content-Length{shown}")
     size = int(length)
-    digest_header = headers.get("Content-Digest") or headers.get("Digest", "")
     try:
-        digest = format_content_digest(parse_content_digest(digest_header))
+        digest = format_digest(*offered_digest(headers))
     except DigestError as exc:
         raise ServerError(f"refused release {version}: {exc}") from None
     try:

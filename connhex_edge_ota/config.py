@@ -97,6 +97,7 @@ EXPECTED: dict[str, str] = {
     "public_key": "a path to an Ed25519 .pub file, or the key inline (PEM or base64)",
     "initial_version": "a version string (at most 128 bytes, Latin-1, no '/', '..' or control "
     "characters)",
+    "model": "the device type that signed releases must name, a string ('' = any)",
     "connect_timeout": f"{_DURATION_HINT}, greater than zero",
     "stall_timeout": f"{_DURATION_HINT}, greater than zero",
     "hook_timeout": f"{_DURATION_HINT}, greater than zero",
@@ -150,6 +151,8 @@ class OtaSettings(BaseSettings):
     # Further keys, each with a safe default.
     initial_version: str = ""
     """The version the device runs before the addon ever installed one."""
+    model: str = ""
+    """With ``public_key``: only releases signed for this device type install ("" = any)."""
     check_jitter: Duration = 60.0
     """Random delay added to each check, at most 10% of ``check_interval``."""
     retry_floor: PositiveDuration = 30.0

@@ -56,7 +56,7 @@ def make_sample_release(
     keygen(key)
     releases = root / "releases"
     releases.mkdir()
-    return pack(source, releases / f"fw-{version}.zip", key)
+    return pack(source, releases / f"fw-{version}.zip", key, version)
 
 
 def write_config(

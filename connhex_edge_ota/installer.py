@@ -50,7 +50,12 @@ from connhex_edge_ota.scripts import (
     run_script,
     script_environment,
 )
-from connhex_edge_ota.signing import KeyFileError, load_public_key, verified_manifest
+from connhex_edge_ota.signing import (
+    KeyFileError,
+    check_identity,
+    load_public_key,
+    verified_manifest,
+)
 from connhex_edge_ota.state import Journal, Phase
 from connhex_edge_ota.store import Store, boot_id
 
@@ -104,7 +109,9 @@ class Installer:
                 key = load_public_key(self.settings.public_key)
             except KeyFileError as exc:
                 raise ArchiveError(str(exc)) from None
-            expected = verified_manifest(release.path, key)
+            manifest = verified_manifest(release.path, key)
+            check_identity(manifest, release.version, self.settings.model)
+            expected = manifest.files
         need = unpacked_size(members) + self.settings.free_space_margin
         free = shutil.disk_usage(self.store.root).free
         if free < need and self.store.installed_zip.is_file():

@@ -20,42 +20,84 @@ from connhex_edge_ota.archive import (
     check_archive,
     unpack,
 )
+from connhex_edge_ota.release import UnsafeVersionError, check_version
 from connhex_edge_ota.signing import (
+    Manifest,
+    check_identity,
     load_private_key,
     manifest_bytes,
+    read_manifest,
     sign,
     verified_manifest,
 )
 
 
-def pack(source: Path, out: Path, key: Path | None = None) -> Path:
-    """Zip the folder ``source`` into ``out`` (signed with ``key`` when given) and check it."""
+class PackUsageError(ValueError):
+    """Arguments that cannot make a release (``--key`` without ``--version``, a bad version)."""
+
+
+def pack(
+    source: Path, out: Path, key: Path | None = None, version: str = "", model: str = ""
+) -> Path:
+    """Zip the folder ``source`` into ``out`` and check it.
+
+    With ``key`` the release is signed and ``version`` is required: the signed
+    manifest binds it. Without ``key`` an unsigned manifest records ``version``
+    and ``model`` when given.
+    """
+    if key is not None and not version:
+        raise PackUsageError("--version is required with --key: the signature binds the version")
+    if version:
+        try:
+            check_version(version)
+        except UnsafeVersionError as exc:
+            raise PackUsageError(f"--version: {exc}") from None
     files = _collect(source)
     if UPDATE_SCRIPT not in files:
         raise ArchiveError(f"{source}: no {UPDATE_SCRIPT} at the root")
+    private = load_private_key(key) if key is not None else None
     tmp = out.with_name(f".{out.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, path in sorted(files.items()):
-            archive.write(path, name)
-        if key is not None:
-            private = load_private_key(key)
-            manifest = manifest_bytes({name: _size_and_hash(p) for name, p in files.items()})
-            archive.writestr(MANIFEST, manifest)
-            archive.writestr(SIGNATURE, sign(private, manifest))
-    public = load_private_key(key).public_key() if key is not None else None
-    check_release(tmp, public)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, path in sorted(files.items()):
+                archive.write(path, name)
+            if version or model:
+                hashes = {name: _size_and_hash(p) for name, p in files.items()}
+                manifest = manifest_bytes(hashes, version, model)
+                archive.writestr(MANIFEST, manifest)
+                if private is not None:
+                    archive.writestr(SIGNATURE, sign(private, manifest))
+        signed = check_release(tmp, private.public_key() if private is not None else None)
+        if private is not None:
+            check_identity(signed, version, model)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out)
     return out
 
 
 def check_release(
     path: Path, public_key: Ed25519PublicKey | None, limits: Limits | None = None
-) -> None:
-    """Check ``path`` exactly as the installer would, unpacking it into a scratch folder."""
+) -> Manifest:
+    """Check ``path`` exactly as the installer would, unpacking it into a scratch folder.
+
+    Returns the manifest: verified with ``public_key`` when given, else read as
+    it is (an empty one when the release has none).
+    """
     members = check_archive(path, limits or Limits())
-    expected = verified_manifest(path, public_key) if public_key is not None else None
+    if public_key is not None:
+        manifest = verified_manifest(path, public_key)
+        expected: dict[str, tuple[int, str]] | None = manifest.files
+    else:
+        try:  # shown, not enforced: an unsigned release may carry its own manifest.json
+            manifest = read_manifest(path) or Manifest()
+        except ArchiveError:
+            manifest = Manifest()
+        expected = None
     with tempfile.TemporaryDirectory(prefix="connhex-ota-verify-") as scratch:
         unpack(path, members, Path(scratch) / "current", expected)
+    return manifest
 
 
 def _collect(source: Path) -> dict[str, Path]:

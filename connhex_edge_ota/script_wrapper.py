@@ -39,16 +39,35 @@ def record(exit_file: str, text: str) -> None:
 
 
 def copy(source: BinaryIO, log: BinaryIO, limit: int) -> None:
-    kept = 0
-    dropped = False
+    """Copy ``source`` to ``log``: whole lines up to ``limit`` bytes in all, and the last ones.
+
+    Past the limit, the lines are counted and dropped, except the last
+    ``limit // 4`` bytes (at most 16 KiB), where failures are told: the log then
+    reads ``[output truncated: N lines left out]`` followed by those last lines.
+    """
+    keep_last = min(16 * 1024, limit // 4)
+    room = limit - keep_last
+    dropping = False
+    dropped_lines = 0
+    last = bytearray()
     while chunk := source.read1(64 * 1024):  # type: ignore[attr-defined]
-        room = limit - kept
-        if room > 0:
-            log.write(chunk[:room])
-            kept += min(room, len(chunk))
-        dropped = dropped or len(chunk) > room
-    if dropped:
-        log.write(b"\n[output truncated]\n")
+        if not dropping:
+            if len(chunk) <= room:
+                log.write(chunk)
+                room -= len(chunk)
+                continue
+            cut = chunk.rfind(b"\n", 0, room) + 1  # whole lines only
+            log.write(chunk[:cut])
+            chunk = chunk[cut:]
+            dropping = True
+        dropped_lines += chunk.count(b"\n")
+        last += chunk
+        del last[: max(0, len(last) - keep_last)]
+    if dropping:
+        start = last.find(b"\n") + 1 if len(last) >= keep_last else 0
+        shown = bytes(last[start:])
+        dropped_lines -= shown.count(b"\n")
+        log.write(b"[output truncated: %d lines left out]\n" % dropped_lines + shown)
 
 
 def main(argv: list[str]) -> int:

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,6 +226,86 @@ async def _kill_group(process: asyncio.subprocess.Process, grace: float = KILL_G
             continue
 
 
+ECHO_FIRST = 20
+"""Lines of a script's output the agent's own log shows from the start..."""
+ECHO_LAST = 20
+"""...and from the end; the lines between are counted, and kept only in the script log."""
+_READ_SIZE = 64 * 1024
+_LINE_LIMIT = 64 * 1024
+"""An unfinished line longer than this is treated as a line of its own."""
+
+
+class _Echo:
+    """The agent's log of one script run: the first and last lines, and how many were left out."""
+
+    def __init__(self, script: str, log_path: Path, tail: deque[str]) -> None:
+        self.script = script
+        self.log_path = log_path
+        self.tail = tail
+        self.shown = 0
+        self.held: deque[bytes] = deque(maxlen=ECHO_LAST)
+        self.after_first = 0
+        self.done = False
+
+    def lines(self, lines: list[bytes]) -> None:
+        index = 0
+        while self.shown < ECHO_FIRST and index < len(lines):
+            self._show(lines[index])
+            self.shown += 1
+            index += 1
+        rest = lines[index:]
+        self.after_first += len(rest)
+        self.held.extend(rest[-ECHO_LAST:])
+        recent: list[str] = []
+        for line in reversed(lines):  # only the last few lines matter for the error
+            if len(recent) == self.tail.maxlen:
+                break
+            text = line.decode(errors="replace").rstrip()
+            if text:
+                recent.append(text[:200])
+        self.tail.extend(reversed(recent))
+
+    def skipped(self, count: int) -> None:
+        """``count`` lines the wrapper left out of the script log: left out here too."""
+        self.after_first += count
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        left_out = self.after_first - len(self.held)
+        if left_out:
+            log.info(
+                "%s: [%d lines of output left out here; %s keeps the first %d bytes]",
+                self.script,
+                left_out,
+                self.log_path,
+                LOG_LIMIT,
+            )
+        for line in self.held:
+            self._show(line)
+
+    def _show(self, line: bytes) -> None:
+        text = line.decode(errors="replace").rstrip()
+        if text:
+            log.info("%s: %s", self.script, text[:500])
+
+
+_TRUNCATED = re.compile(rb"\[output truncated: (\d+) lines left out\]")
+
+
+def _split_at_truncation(lines: list[bytes], echo: _Echo) -> Iterator[list[bytes]]:
+    """``lines`` around the wrapper's truncation note, whose count goes to ``echo``."""
+    start = 0
+    for index, line in enumerate(lines):
+        found = _TRUNCATED.fullmatch(line)
+        if found:
+            yield lines[start:index]
+            echo.skipped(int(found.group(1)))
+            start = index + 1
+    yield lines[start:]
+
+
 async def _follow_output(
     log_path: Path,
     offset: int,
@@ -233,34 +314,35 @@ async def _follow_output(
     ended: asyncio.Event,
     first_line: Callable[[], None] | None = None,
 ) -> None:
-    """Echo the lines the wrapper appends to ``log_path`` from ``offset``, until ``ended``."""
+    """Echo (bounded) the lines the wrapper appends to ``log_path`` from ``offset``."""
+    echo = _Echo(script, log_path, tail)
     pending = b""
-    with log_path.open("rb") as log_file:
-        log_file.seek(offset)
-        while True:
-            finished = ended.is_set()  # read once more after the end: nothing is missed
-            chunk = log_file.read(64 * 1024)
-            if chunk:
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    if first_line is not None:
+    try:
+        with log_path.open("rb") as log_file:
+            log_file.seek(offset)
+            while True:
+                finished = ended.is_set()  # read once more after the end: nothing is missed
+                chunk = log_file.read(_READ_SIZE)
+                if chunk:
+                    lines = (pending + chunk).split(b"\n")
+                    pending = lines.pop()
+                    if len(pending) > _LINE_LIMIT:
+                        lines.append(pending)
+                        pending = b""
+                    if lines and first_line is not None:
                         first_line()
                         first_line = None
-                    _echo(script, line, tail)
-                continue
-            if finished:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), FOLLOW_PERIOD)
-    if pending:
-        _echo(script, pending, tail)
-
-
-def _echo(script: str, line: bytes, tail: deque[str]) -> None:
-    text = line.decode(errors="replace").rstrip()
-    if text:
-        tail.append(text[:200])
-        log.info("%s: %s", script, text[:500])
+                    for kept in _split_at_truncation(lines, echo):
+                        echo.lines(kept)
+                    continue
+                if finished:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), FOLLOW_PERIOD)
+        if pending:
+            echo.lines([pending])
+    finally:
+        echo.finish()
 
 
 def prune_logs(folder: Path, keep: int) -> None:

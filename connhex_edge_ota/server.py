@@ -8,6 +8,7 @@ modification time) is the active release; its version comes from a sidecar file
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from connhex_edge_ota.digest import format_content_digest
+from connhex_edge_ota.digest import SHA256, SHA512, format_digest
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,40 @@ class Faults:
     """Headers a HEAD answer sends in place of the computed ones (a lying server)."""
 
 
+DIGEST_FORMS = ("content-digest", "repr-digest", "digest", "legacy", "sha-512", "none")
+"""How the server states a release's digest (``ReleaseFolder.digest_form``):
+``content-digest`` ``Content-Digest: sha-256=:<b64>:`` (the default);
+``repr-digest`` ``Repr-Digest: sha-512=:<b64>:, sha-256=:<b64>:`` (RFC 9530, two algorithms);
+``digest`` ``Digest: SHA-256=<b64>`` (RFC 3230); ``legacy`` ``Content-Digest: sha256=<hex>``;
+``sha-512`` ``Content-Digest: sha-512=:<b64>:`` only; ``none`` no digest header."""
+
+
+def digest_header(form: str, release: Published) -> tuple[str, str] | None:
+    """The header stating ``release``'s digest in ``form`` (one of DIGEST_FORMS)."""
+    sha256 = format_digest(SHA256, release.sha256)
+    if form == "content-digest":
+        return "Content-Digest", sha256
+    if form == "repr-digest":
+        return "Repr-Digest", f"{format_digest(SHA512, _sha512(release.path))}, {sha256}"
+    if form == "digest":
+        return "Digest", f"SHA-256={base64.b64encode(release.sha256).decode()}"
+    if form == "legacy":
+        return "Content-Digest", f"sha256={release.sha256.hex()}"
+    if form == "sha-512":
+        return "Content-Digest", format_digest(SHA512, _sha512(release.path))
+    if form == "none":
+        return None
+    raise ValueError(f"unknown digest form {form!r}; expected one of {', '.join(DIGEST_FORMS)}")
+
+
+def _sha512(path: Path) -> bytes:
+    hasher = hashlib.sha512()
+    with path.open("rb") as file:
+        while block := file.read(1024 * 1024):
+            hasher.update(block)
+    return hasher.digest()
+
+
 @dataclass
 class Seen:
     method: str
@@ -85,6 +120,8 @@ class ReleaseFolder:
     folder: Path
     init_key: str | None = None
     faults: Faults = field(default_factory=Faults)
+    digest_form: str = "content-digest"
+    """One of DIGEST_FORMS: how HEAD and GET state the release's digest."""
     requests: list[Seen] = field(default_factory=list)
     _cache: dict[tuple[Path, float, int], Published] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -237,7 +274,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Version", release.version)
         self.send_header("ETag", release.etag)
         self.send_header("Content-Length", str(length))
-        self.send_header("Content-Digest", format_content_digest(release.sha256))
+        digest = digest_header(self.server.releases.digest_form, release)
+        if digest is not None:
+            self.send_header(*digest)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Disposition", f'attachment; filename="{release.path.name}"')
         for key, value in (extra or {}).items():

@@ -1,8 +1,9 @@
 """Ed25519 release signatures: key pairs, the signed manifest, and its verification.
 
-A signed release carries ``manifest.json`` (every other member with its size and
-SHA-256) and ``manifest.json.sig`` (the raw 64-byte Ed25519 signature of the
-manifest's bytes).
+A signed release carries ``manifest.json`` (the release's version, optionally its
+model, and every other member with its size and SHA-256) and ``manifest.json.sig``
+(the raw 64-byte Ed25519 signature of the manifest's bytes). The signature binds
+the version: a release signed as 0.9.0 is refused when offered as 9.9.9.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import binascii
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -83,13 +85,29 @@ def _is_base64_key(text: str) -> bool:
         return False
 
 
-def manifest_bytes(files: dict[str, tuple[int, str]]) -> bytes:
-    body = {
+@dataclass(frozen=True)
+class Manifest:
+    """What ``manifest.json`` says: the signed identity and the expected files."""
+
+    files: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Member name -> (size, SHA-256 hex)."""
+    version: str = ""
+    """The release's version as signed; ``""`` in manifests made before versions were signed."""
+    model: str = ""
+    """The device type the release is for; ``""`` = any."""
+
+
+def manifest_bytes(files: dict[str, tuple[int, str]], version: str = "", model: str = "") -> bytes:
+    body: dict[str, object] = {
         "format": MANIFEST_FORMAT,
         "files": {
             name: {"size": size, "sha256": digest} for name, (size, digest) in sorted(files.items())
         },
     }
+    if version:
+        body["version"] = version
+    if model:
+        body["model"] = model
     return json.dumps(body, indent=1, sort_keys=True).encode()
 
 
@@ -97,8 +115,27 @@ def sign(key: Ed25519PrivateKey, manifest: bytes) -> bytes:
     return key.sign(manifest)
 
 
-def verified_manifest(zip_path: Path, public_key: Ed25519PublicKey) -> dict[str, tuple[int, str]]:
-    """The file list of a release whose manifest signature is valid; ArchiveError otherwise."""
+def parse_manifest(manifest: bytes) -> Manifest:
+    """The contents of ``manifest.json``; ArchiveError when it is not a manifest."""
+    try:
+        body = json.loads(manifest)
+        files = {str(name): (int(e["size"]), str(e["sha256"])) for name, e in body["files"].items()}
+        version, model = body.get("version", ""), body.get("model", "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ArchiveError("manifest.json: not a valid manifest") from None
+    if not isinstance(version, str) or not isinstance(model, str):
+        raise ArchiveError("manifest.json: version and model must be strings")
+    return Manifest(files, version, model)
+
+
+def read_manifest(zip_path: Path) -> Manifest | None:
+    """The manifest of a release without checking its signature (for display), or None."""
+    manifest = read_member(zip_path, MANIFEST)
+    return parse_manifest(manifest) if manifest is not None else None
+
+
+def verified_manifest(zip_path: Path, public_key: Ed25519PublicKey) -> Manifest:
+    """The manifest of a release whose signature is valid; ArchiveError otherwise."""
     manifest = read_member(zip_path, MANIFEST)
     signature = read_member(zip_path, SIGNATURE, limit=1024)
     if manifest is None or signature is None:
@@ -107,8 +144,25 @@ def verified_manifest(zip_path: Path, public_key: Ed25519PublicKey) -> dict[str,
         public_key.verify(signature, manifest)
     except InvalidSignature:
         raise ArchiveError("manifest.json.sig: signature does not match the public key") from None
-    try:
-        files = json.loads(manifest)["files"]
-        return {str(name): (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ArchiveError("manifest.json: not a valid manifest") from None
+    return parse_manifest(manifest)
+
+
+def check_identity(manifest: Manifest, offered_version: str, model: str) -> None:
+    """ArchiveError unless ``manifest`` was signed for ``offered_version`` (and ``model``).
+
+    A manifest without a version is refused: its signature says nothing about
+    which release it is, so it could be replayed under any version. ``model``
+    is the device's ``[ota] model``; ``""`` skips the model check.
+    """
+    if not manifest.version:
+        raise ArchiveError(
+            f"manifest.json: signed without a version, offered as {offered_version} "
+            "(sign with pack --version)"
+        )
+    if manifest.version != offered_version:
+        raise ArchiveError(
+            f"manifest.json: signed for version {manifest.version}, offered as {offered_version}"
+        )
+    if model and manifest.model != model:
+        signed = f"model {manifest.model}" if manifest.model else "no model"
+        raise ArchiveError(f"manifest.json: signed for {signed}, this device is model {model}")

@@ -43,8 +43,12 @@ def build_release(
     files: dict[str, bytes] | None = None,
     key: Path | None = None,
     name: str | None = None,
+    model: str = "",
 ) -> Path:
-    """Pack a release zip ``<name or fw-VERSION>.zip`` into ``folder`` (signed with ``key``)."""
+    """Pack a release zip ``<name or fw-VERSION>.zip`` into ``folder``.
+
+    With ``key`` it is signed for ``version`` (and ``model`` when given).
+    """
     source = folder / f".src-{name or version}-{time.monotonic_ns()}"
     source.mkdir(parents=True)
     (source / "update.sh").write_text(update_sh)
@@ -55,7 +59,7 @@ def build_release(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     out = folder / f"{name or f'fw-{version}'}.zip"
-    return pack(source, out, key)
+    return pack(source, out, key, version if key is not None else "", model)
 
 
 class StatusWatcher:

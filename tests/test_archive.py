@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import shutil
 import stat
+import struct
+import subprocess
+import sys
 import zipfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from connhex_edge_ota.archive import ArchiveError, Limits, check_archive, unpack
+from connhex_edge_ota.archive import (
+    ArchiveError,
+    Limits,
+    Member,
+    check_archive,
+    read_member,
+    unpack,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -60,20 +76,295 @@ def test_hostile_members_are_refused(
 def test_not_a_zip(tmp_path: Path) -> None:
     path = tmp_path / "r.zip"
     path.write_bytes(b"PK\x03\x04 but not really")
-    with pytest.raises(ArchiveError, match="not a valid zip"):
+    with pytest.raises(ArchiveError, match=r"^r\.zip: not a valid zip"):
         check_archive(path, Limits())
 
 
-def test_limits_on_count_size_and_ratio(tmp_path: Path) -> None:
+def test_member_count_limit(tmp_path: Path) -> None:
     many = make_zip(tmp_path / "many.zip", [UPDATE] + [(f"f{i}", b"", None) for i in range(20)])
-    with pytest.raises(ArchiveError, match="more than the limit"):
+    with pytest.raises(ArchiveError, match="21 members, more than the limit of 10"):
         check_archive(many, Limits(max_members=10))
-    big = make_zip(tmp_path / "big.zip", [UPDATE, ("big", b"x" * 100_000, None)])
+    assert len(check_archive(many, Limits(max_members=21))) == 21
+
+
+def test_unpacked_size_limit(tmp_path: Path) -> None:
+    big = make_zip(tmp_path / "big.zip", [UPDATE, ("big", os.urandom(100_000), None)])
     with pytest.raises(ArchiveError, match="unpacked size"):
         check_archive(big, Limits(max_unpacked_size=50_000))
+    check_archive(big, Limits(max_unpacked_size=100_008))
+
+
+def test_ratio_limit_on_a_large_member(tmp_path: Path) -> None:
     bomb = make_zip(tmp_path / "bomb.zip", [UPDATE, ("zeros", bytes(20 * 1024 * 1024), None)])
-    with pytest.raises(ArchiveError, match="compression ratio"):
+    with pytest.raises(ArchiveError, match="zeros: compression ratio above 200"):
         check_archive(bomb, Limits())
+
+
+def test_ratio_limit_on_a_small_member(tmp_path: Path) -> None:
+    # 64 KiB of zeros deflate to 84 bytes: a ratio of 780, no longer exempt for being small.
+    small = make_zip(tmp_path / "small.zip", [UPDATE, ("zeros", bytes(64 * 1024), None)])
+    with pytest.raises(ArchiveError, match="zeros: compression ratio above 200"):
+        check_archive(small, Limits())
+
+
+def test_ratio_limit_on_the_archive_as_a_whole(tmp_path: Path) -> None:
+    # 8 KiB of zeros deflate to about 30 bytes: each member is within the slack, the sum is not.
+    members = [UPDATE] + [(f"z{i}", bytes(8192), None) for i in range(50)]
+    crowd = make_zip(tmp_path / "crowd.zip", members)
+    with zipfile.ZipFile(crowd) as archive:
+        infos = archive.infolist()
+    assert all(i.file_size <= 200 * i.compress_size + 4096 for i in infos)
+    assert sum(i.file_size for i in infos) > 200 * sum(i.compress_size for i in infos) + 4096
+    with pytest.raises(ArchiveError, match=r"crowd\.zip: compression ratio of the archive as a"):
+        check_archive(crowd, Limits())
+    check_archive(make_zip(tmp_path / "one.zip", members[:2]), Limits())
+
+
+def test_small_members_compressing_well_are_fine(tmp_path: Path) -> None:
+    text = b"x" * 100  # deflates to about 10 bytes: ratio 10, above a max_ratio of 5
+    path = make_zip(tmp_path / "r.zip", [UPDATE, ("notes.txt", text, None)])
+    check_archive(path, Limits(max_ratio=5))
+
+
+# Crafted archives: raw bytes, so that the end record and the directory can lie.
+_LOCAL = struct.Struct("<4s5H3L2H")
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
+
+
+def _entry(name: bytes, data: bytes, offset: int) -> tuple[bytes, bytes]:
+    crc = zlib.crc32(data)
+    local = _LOCAL.pack(b"PK\x03\x04", 20, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0)
+    central = _CENTRAL.pack(
+        b"PK\x01\x02", 20, 3, 20, 0, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0, 0,
+        0, 0, 0o100644 << 16, offset,
+    )  # fmt: skip
+    return local + name + data, central + name
+
+
+def directory_bomb(path: Path, copies: int, announced: int | None = None) -> Path:
+    """One ``update.sh`` and ``copies`` central directory entries pointing at it, with a
+    ZIP64 end record announcing ``announced`` entries (default: the truth)."""
+    local, central = _entry(b"update.sh", b"echo hi\n", 0)
+    entries = copies if announced is None else announced
+    size = len(central) * copies
+    with path.open("wb") as out:
+        out.write(local)
+        for _ in range(0, copies, 10_000):
+            out.write(central * min(10_000, copies - _))
+        end64 = len(local) + size
+        out.write(
+            struct.pack(
+                "<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, size, len(local)
+            )
+        )
+        out.write(struct.pack("<4sLQL", b"PK\x06\x07", 0, end64, 1))
+        out.write(
+            struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+        )
+    return path
+
+
+def test_a_crafted_zip64_archive_is_read_like_any_other(tmp_path: Path) -> None:
+    members = check_archive(directory_bomb(tmp_path / "one.zip", 1), Limits())
+    assert [m.name for m in members] == ["update.sh"]
+    unpack(tmp_path / "one.zip", members, tmp_path / "current", None)
+    assert (tmp_path / "current" / "update.sh").read_bytes() == b"echo hi\n"
+
+
+_MEASURE = """
+import sys
+from pathlib import Path
+from connhex_edge_ota.archive import ArchiveError, Limits, check_archive
+
+def peak_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+before = peak_kib()
+try:
+    check_archive(Path(sys.argv[1]), Limits())
+    print("accepted")
+except ArchiveError as exc:
+    print(exc)
+print(peak_kib() - before)
+"""
+
+
+@pytest.mark.parametrize(
+    ("announced", "error"),
+    [
+        (None, "1000000 members, more than the limit of 10000"),
+        (
+            1,
+            "central directory of 55000000 bytes, "
+            "more than the limit of 10240000 for 10000 members",
+        ),
+    ],
+)
+def test_a_million_entries_are_refused_before_zipfile_reads_them(
+    tmp_path: Path, announced: int | None, error: str
+) -> None:
+    bomb = directory_bomb(tmp_path / "bomb.zip", 1_000_000, announced)
+    assert bomb.stat().st_size > 50_000_000
+    measured = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(bomb)], capture_output=True, text=True, timeout=120
+    )
+    message, growth_kib = measured.stdout.splitlines()
+    assert message == f"bomb.zip: {error}"
+    assert int(growth_kib) < 10 * 1024, f"peak RSS grew by {int(growth_kib) / 1024:.1f} MiB"
+
+
+def test_an_end_record_that_understates_the_count_is_caught_by_the_walk(tmp_path: Path) -> None:
+    liar = directory_bomb(tmp_path / "liar.zip", 50, announced=1)
+    with pytest.raises(ArchiveError, match="more than the limit of 10 members"):
+        check_archive(liar, Limits(max_members=10))
+    with pytest.raises(ArchiveError, match="holds 50 entries, its end record says 1"):
+        check_archive(liar, Limits())
+
+
+def _stored_release(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("update.sh", b"echo hi\n")
+        archive.writestr("payload.bin", b"payload bytes " * 8)
+    return path
+
+
+def _deflated_release(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("update.sh", b"echo hi\n")
+        archive.writestr("payload.bin", bytes(range(256)) * 8)
+    return path
+
+
+def _patch(path: Path, find: bytes, replace: bytes, occurrence: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    at = -1
+    for _ in range(occurrence + 1):
+        at = data.index(find, at + 1)
+    data[at : at + len(replace)] = replace
+    path.write_bytes(bytes(data))
+
+
+def _central(path: Path, name: bytes) -> int:
+    data = path.read_bytes()
+    return next(
+        i
+        for i in range(len(data))
+        if data.startswith(b"PK\x01\x02", i) and data[i + 46 : i + 46 + len(name)] == name
+    )
+
+
+def _set_central(path: Path, name: bytes, field: str, value: int) -> None:
+    offsets = {"flags": (8, "<H"), "method": (10, "<H"), "crc": (16, "<L"), "size": (24, "<L")}
+    at = _central(path, name)
+    where, fmt = offsets[field]
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, at + where, value)
+    path.write_bytes(bytes(data))
+
+
+def _local(path: Path, name: bytes) -> int:
+    data = path.read_bytes()
+    return next(
+        i
+        for i in range(len(data))
+        if data.startswith(b"PK\x03\x04", i) and data[i + 30 : i + 30 + len(name)] == name
+    )
+
+
+def _set_local(path: Path, name: bytes, field: str, value: int) -> None:
+    offsets = {"method": (8, "<H"), "size": (22, "<L")}
+    at = _local(path, name)
+    where, fmt = offsets[field]
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, at + where, value)
+    path.write_bytes(bytes(data))
+
+
+def _crc_mismatch(path: Path) -> None:
+    _patch(_stored_release(path), b"payload bytes", b"PAYLOAD")
+
+
+def _renamed_local_header(path: Path) -> None:
+    _patch(_stored_release(path), b"payload.bin", b"paylXad.bin", occurrence=0)
+
+
+def _deflate64(path: Path) -> None:
+    _deflated_release(path)
+    _set_central(path, b"payload.bin", "method", 9)
+    _set_local(path, b"payload.bin", "method", 9)
+
+
+def _encrypted(path: Path) -> None:
+    _stored_release(path)
+    _set_central(path, b"payload.bin", "flags", 0x1)
+
+
+def _size_too_large(path: Path) -> None:
+    _deflated_release(path)  # the CRC still matches the real data: only the size lies
+    _set_central(path, b"payload.bin", "size", 2048 + 100)
+    _set_local(path, b"payload.bin", "size", 2048 + 100)
+
+
+def _size_too_small(path: Path) -> None:
+    _deflated_release(path)
+    _set_central(path, b"payload.bin", "size", 1000)
+    _set_local(path, b"payload.bin", "size", 1000)
+
+
+def _corrupt_deflate(path: Path) -> None:
+    _deflated_release(path)
+    at = _local(path, b"payload.bin") + 30 + len(b"payload.bin")
+    data = bytearray(path.read_bytes())
+    data[at : at + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def _no_local_header(path: Path) -> None:
+    _patch(_stored_release(path), b"PK\x03\x04", b"XX\x03\x04", occurrence=1)
+
+
+def _truncated(path: Path) -> None:
+    data = _deflated_release(path).read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("defect", "error"),
+    [
+        (_crc_mismatch, "payload.bin: CRC-32 mismatch: the data is corrupt"),
+        (_renamed_local_header, "payload.bin: local header disagrees with the central directory"),
+        (_deflate64, "payload.bin: compression method 9 not supported"),
+        (_encrypted, "payload.bin: encrypted member"),
+        (_size_too_large, "payload.bin: smaller than declared"),
+        (_size_too_small, "payload.bin: CRC-32 mismatch: the data is corrupt"),
+        (_corrupt_deflate, "payload.bin: corrupt compressed data"),
+        (_no_local_header, "payload.bin: no local header where the directory points"),
+        (_truncated, "r.zip: not a valid zip file: no end of central directory record"),
+    ],
+)
+def test_archive_defects_are_archive_errors_naming_the_member(
+    tmp_path: Path, defect: Callable[[Path], None], error: str
+) -> None:
+    path = tmp_path / "r.zip"
+    defect(path)
+    current = tmp_path / "current"
+    with pytest.raises(ArchiveError) as refused:
+        unpack(path, check_archive(path, Limits()), current, None)
+    assert str(refused.value) == error
+    assert not current.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zip"]
+
+
+def test_reading_the_manifest_of_a_broken_archive_is_an_archive_error(tmp_path: Path) -> None:
+    path = tmp_path / "r.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("update.sh", b"echo hi\n")
+        archive.writestr("manifest.json", b'{"files": {}}')
+    _patch(path, b'{"files"', b'{"FILES"')
+    with pytest.raises(ArchiveError, match=r"^manifest\.json: CRC-32 mismatch"):
+        read_member(path, "manifest.json")
 
 
 def test_unpack_replaces_current_as_a_whole(tmp_path: Path) -> None:
@@ -98,3 +389,58 @@ def test_failed_unpack_leaves_current_untouched(tmp_path: Path) -> None:
         unpack(path, check_archive(path, Limits()), current, {"update.sh": (8, UPDATE_SHA)})
     assert (current / "old.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "r.zip"]
+
+
+@pytest.mark.parametrize(
+    ("defect", "error"),
+    [
+        (_deflate64, "payload.bin: compression method not supported"),
+        (_encrypted, "payload.bin: encrypted member"),
+        (_crc_mismatch, "payload.bin: CRC-32 mismatch: the data is corrupt"),
+        (_corrupt_deflate, "payload.bin: corrupt compressed data"),
+    ],
+)
+def test_unpack_alone_also_turns_read_errors_into_archive_errors(
+    tmp_path: Path, defect: Callable[[Path], None], error: str
+) -> None:
+    path = tmp_path / "r.zip"
+    defect(path)
+    with zipfile.ZipFile(path) as archive:  # as if check_archive had been skipped
+        members = [Member(info.filename, info) for info in archive.infolist()]
+    with pytest.raises(ArchiveError) as refused:
+        unpack(path, members, tmp_path / "current", None)
+    assert str(refused.value) == error
+
+
+_SAMPLE = io.BytesIO()
+with zipfile.ZipFile(_SAMPLE, "w", compression=zipfile.ZIP_DEFLATED) as _archive:
+    _archive.writestr("update.sh", b"echo hi\n")
+    _archive.writestr("dir/payload.bin", bytes(range(256)) * 4)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(_SAMPLE.getvalue()) - 1), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(0, len(_SAMPLE.getvalue())),
+)
+def test_a_damaged_archive_only_ever_raises_archive_error(
+    tmp_path: Path, changes: list[tuple[int, int]], cut: int
+) -> None:
+    data = bytearray(_SAMPLE.getvalue())
+    for position, value in changes:
+        data[position] = value
+    path = tmp_path / "r.zip"
+    path.write_bytes(bytes(data[: max(cut, len(data) - 40)]))
+    target = tmp_path / "current"
+    try:
+        unpack(path, check_archive(path, Limits()), target, None)
+    except ArchiveError as exc:
+        assert str(exc)
+        assert not target.exists()
+    shutil.rmtree(target, ignore_errors=True)

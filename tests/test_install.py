@@ -295,3 +295,89 @@ def test_no_space_to_unpack_fails_without_running_and_is_retried(
         agent.kill()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_signed_release_installs_only_under_the_version_it_was_signed_for(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    keygen(tmp_path / "k")
+    ran = tmp_path / "ran"
+    signed = make_release(
+        "0.9.0", key=tmp_path / "k", update_sh=f'echo "$CHX_OTA_VERSION_TARGET" >> "{ran}"\n'
+    )
+    folder = release_server.releases.folder
+    # The same signed bytes, published as 9.9.9: a replay of an old release.
+    (folder / "replayed.zip.version").write_text("9.9.9\n")
+    replayed = release_server.releases.publish(signed, name="replayed.zip")
+    agent = ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"))
+    refused = statuses.wait_status("update_failed")
+    assert refused.error == (
+        "release refused: manifest.json: signed for version 0.9.0, offered as 9.9.9"
+    )
+    assert refused.current_version == "1.0.0" and refused.latest_version == "9.9.9"
+    assert not ran.exists()
+    agent.stop()
+
+    own = release_server.releases.publish(signed)  # fw-0.9.0.zip: offered as 0.9.0
+    assert own.read_bytes() == replayed.read_bytes()
+    mark = statuses.mark()
+    ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"))
+    statuses.wait_updated("0.9.0", after=mark)
+    assert ran.read_text() == "0.9.0\n"
+
+
+def test_a_device_with_a_model_installs_only_releases_signed_for_it(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    keygen(tmp_path / "k")
+    ran = tmp_path / "ran"
+    update_sh = f'echo "$CHX_OTA_VERSION_TARGET" >> "{ran}"\n'
+    for version, model in (("2.0.0", "gw-b"), ("2.0.1", "")):
+        release_server.releases.publish(
+            make_release(version, key=tmp_path / "k", model=model, update_sh=update_sh)
+        )
+        mark = statuses.mark()
+        agent = ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"), model="gw-a")
+        refused = statuses.wait_status("update_failed", after=mark)
+        signed_for = f"model {model}" if model else "no model"
+        assert refused.error == (
+            f"release refused: manifest.json: signed for {signed_for}, this device is model gw-a"
+        )
+        agent.stop()
+    release_server.releases.publish(
+        make_release("2.0.2", key=tmp_path / "k", model="gw-a", update_sh=update_sh)
+    )
+    mark = statuses.mark()
+    ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"), model="gw-a")
+    statuses.wait_updated("2.0.2", after=mark)
+    assert ran.read_text() == "2.0.2\n"
+
+
+def test_a_flood_of_script_output_leaves_the_agent_log_bounded(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+) -> None:
+    blocks = 1_304_348  # 30 MB of output
+    flood = f'yes "firmware block written" | head -n {blocks}\necho "all done"\n'
+    release_server.releases.publish(make_release("9.1.0", update_sh=flood))
+    agent = ota_agent(auto_install=True)
+    statuses.wait_updated("9.1.0")
+    agent.stop()
+    output = agent.output()
+    echoed = output.count("update.sh: firmware block written")
+    assert echoed == 20 + 19  # the first 20 lines, and the last 20 but "all done"
+    assert f"update.sh: [{blocks + 1 - 40} lines of output left out here; " in output
+    assert output.count("update.sh: all done") == 1
+    assert len(output.encode()) < 256 * 1024, f"the agent log grew to {len(output)} bytes"
+    script_log = agent.store / "logs" / "9.1.0.log"
+    assert script_log.stat().st_size < 1024 * 1024 + 1024

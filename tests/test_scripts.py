@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -52,7 +53,11 @@ def test_output_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(scripts, "LOG_LIMIT", 10_000)
     run(tmp_path, "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done\n")
     log = (tmp_path / "out.log").read_bytes()
-    assert len(log) < 10_200 and log.endswith(b"[output truncated]\n")
+    assert len(log) < 10_200 and log.endswith(b"line-1998\nline-1999\n")  # the end is kept
+    kept = log.split(b"[output truncated: ")[0].count(b"\n")
+    left_out = int(log.split(b"[output truncated: ")[1].split(b" lines")[0])
+    last = log.split(b" lines left out]\n")[1].count(b"\n")
+    assert kept - 1 + left_out + last == 2000  # "--- update.sh" heads the log
 
 
 def test_old_logs_are_pruned(tmp_path: Path) -> None:
@@ -62,3 +67,29 @@ def test_old_logs_are_pruned(tmp_path: Path) -> None:
         os.utime(path, (time.time() + i, time.time() + i))
     prune_logs(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.glob("*.log")) == ["3.log", "4.log"]
+
+
+def test_the_agent_log_shows_the_first_and_last_lines_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="connhex_edge_ota.scripts")
+    result = run(tmp_path, "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done\n")
+    shown = [r.getMessage() for r in caplog.records if r.name == "connhex_edge_ota.scripts"]
+    first, last = scripts.ECHO_FIRST, scripts.ECHO_LAST
+    assert shown[:first] == [f"update.sh: line-{i}" for i in range(first)]
+    left_out = 20000 - first - last
+    assert shown[first].startswith(f"update.sh: [{left_out} lines of output left out here; ")
+    assert shown[first + 1 :] == [f"update.sh: line-{i}" for i in range(20000 - last, 20000)]
+    assert result.tail == [f"line-{i}" for i in range(19995, 20000)]
+    log = (tmp_path / "out.log").read_text()
+    assert "line-0\n" in log and "line-19999\n" in log  # the script log keeps it all (< 1 MiB)
+
+
+def test_a_short_output_is_shown_whole_and_a_line_without_newline_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="connhex_edge_ota.scripts")
+    result = run(tmp_path, "echo one\necho\necho two\nprintf three\nexit 4\n")
+    shown = [r.getMessage() for r in caplog.records if r.name == "connhex_edge_ota.scripts"]
+    assert shown == ["update.sh: one", "update.sh: two", "update.sh: three"]
+    assert result.describe() == "update.sh exited with 4: one | two | three"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,18 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from connhex_edge_ota.archive import ArchiveError
-from connhex_edge_ota.pack import check_release, pack
-from connhex_edge_ota.signing import keygen, load_public_key
+from connhex_edge_ota.archive import MANIFEST, SIGNATURE, ArchiveError
+from connhex_edge_ota.pack import PackUsageError, check_release, pack
+from connhex_edge_ota.signing import (
+    Manifest,
+    check_identity,
+    keygen,
+    load_private_key,
+    load_public_key,
+    manifest_bytes,
+    sign,
+    verified_manifest,
+)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -45,7 +55,10 @@ def test_keygen_writes_a_private_key_only_we_can_read(tmp_path: Path) -> None:
 def test_signed_pack_verifies_and_tampering_is_named(tmp_path: Path, source: Path) -> None:
     keygen(tmp_path / "k")
     out = tmp_path / "fw-1.zip"
-    assert cli("pack", str(source), "-o", str(out), "--key", str(tmp_path / "k")).returncode == 0
+    packed = cli(
+        "pack", str(source), "-o", str(out), "--key", str(tmp_path / "k"), "--version", "1"
+    )
+    assert packed.returncode == 0, packed.stderr
     assert cli("verify", str(out), "--public-key", str(tmp_path / "k.pub")).returncode == 0
 
     tampered = tmp_path / "fw-2.zip"
@@ -60,7 +73,7 @@ def test_signed_pack_verifies_and_tampering_is_named(tmp_path: Path, source: Pat
 def test_wrong_key_and_unsigned_release_are_refused(tmp_path: Path, source: Path) -> None:
     keygen(tmp_path / "a")
     keygen(tmp_path / "b")
-    signed = pack(source, tmp_path / "s.zip", tmp_path / "a")
+    signed = pack(source, tmp_path / "s.zip", tmp_path / "a", "1.0")
     unsigned = pack(source, tmp_path / "u.zip")
     with pytest.raises(ArchiveError, match="signature does not match"):
         check_release(signed, load_public_key(str(tmp_path / "b.pub")))
@@ -88,3 +101,89 @@ def test_pack_refuses_a_folder_without_update_sh(tmp_path: Path) -> None:
     result = cli("pack", str(tmp_path / "src"), "-o", str(tmp_path / "o.zip"))
     assert result.returncode == 1 and "no update.sh" in result.stderr
     assert not (tmp_path / "o.zip").exists()
+
+
+def test_pack_signs_the_version_and_model_and_verify_prints_them(
+    tmp_path: Path, source: Path
+) -> None:
+    keygen(tmp_path / "k")
+    out = tmp_path / "fw.zip"
+    args = ("pack", str(source), "-o", str(out), "--key", str(tmp_path / "k"))
+    refused = cli(*args)
+    assert refused.returncode == 2 and "--version is required with --key" in refused.stderr
+    assert not out.exists()
+    assert cli(*args, "--version", "2.1.0", "--model", "gw-4").returncode == 0
+    shown = cli("verify", str(out), "--public-key", str(tmp_path / "k.pub"))
+    assert shown.returncode == 0
+    assert shown.stdout.strip() == (
+        f"{out}: ok, signature verified; signed for version 2.1.0, model gw-4"
+    )
+    manifest = verified_manifest(out, load_public_key(str(tmp_path / "k.pub")))
+    assert (manifest.version, manifest.model) == ("2.1.0", "gw-4")
+    assert set(manifest.files) == {"update.sh", "bin/tool"}
+
+
+def test_unsigned_pack_still_records_the_version(tmp_path: Path, source: Path) -> None:
+    out = tmp_path / "fw.zip"
+    assert cli("pack", str(source), "-o", str(out), "--version", "3.0").returncode == 0
+    with zipfile.ZipFile(out) as archive:
+        names = archive.namelist()
+        assert b'"version": "3.0"' in archive.read(MANIFEST)
+    assert SIGNATURE not in names
+    shown = cli("verify", str(out))
+    assert "manifest says version 3.0" in shown.stdout and "not checked" in shown.stdout
+
+
+def test_pack_refuses_an_unsafe_version(tmp_path: Path, source: Path) -> None:
+    keygen(tmp_path / "k")
+    with pytest.raises(PackUsageError, match="path separator"):
+        pack(source, tmp_path / "o.zip", tmp_path / "k", "../1.0")
+    assert not list(tmp_path.glob("*.zip")) and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("manifest", "offered", "model", "error"),
+    [
+        (Manifest({}, "0.9.0"), "9.9.9", "", "signed for version 0.9.0, offered as 9.9.9"),
+        (Manifest({}, ""), "1.0", "", "signed without a version, offered as 1.0"),
+        (Manifest({}, "1.0", "gw-b"), "1.0", "gw-a", "signed for model gw-b, this device is"),
+        (Manifest({}, "1.0"), "1.0", "gw-a", "signed for no model, this device is model gw-a"),
+    ],
+)
+def test_identity_mismatches_are_refused(
+    manifest: Manifest, offered: str, model: str, error: str
+) -> None:
+    with pytest.raises(ArchiveError, match=error):
+        check_identity(manifest, offered, model)
+
+
+def test_identity_matches() -> None:
+    check_identity(Manifest({}, "1.0", "gw-a"), "1.0", "gw-a")
+    check_identity(Manifest({}, "1.0", "gw-a"), "1.0", "")  # no model configured: any
+
+
+def test_a_manifest_signed_before_versions_were_signed_has_no_version(
+    tmp_path: Path, source: Path
+) -> None:
+    keygen(tmp_path / "k")
+    data = (source / "update.sh").read_bytes()
+    body = manifest_bytes({"update.sh": (len(data), hashlib.sha256(data).hexdigest())})
+    out = tmp_path / "old.zip"
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("update.sh", data)
+        archive.writestr(MANIFEST, body)
+        archive.writestr(SIGNATURE, sign(load_private_key(tmp_path / "k"), body))
+    manifest = check_release(out, load_public_key(str(tmp_path / "k.pub")))
+    assert manifest.version == ""
+    with pytest.raises(ArchiveError, match="signed without a version"):
+        check_identity(manifest, "1.0", "")
+
+
+def test_an_unsigned_release_may_carry_a_manifest_json_of_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "web.zip"
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("update.sh", "echo hi\n")
+        archive.writestr(MANIFEST, '{"name": "my web app", "icons": []}')
+    assert check_release(out, None) == Manifest()
+    shown = cli("verify", str(out))
+    assert shown.returncode == 0 and "no manifest; signature not checked" in shown.stdout

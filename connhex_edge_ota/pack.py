@@ -28,23 +28,42 @@ from connhex_edge_ota.signing import (
 )
 
 
-def pack(source: Path, out: Path, key: Path | None = None) -> Path:
-    """Zip the folder ``source`` into ``out`` (signed with ``key`` when given) and check it."""
+def pack(source: Path, out: Path, key: Path | None = None, *, overwrite: bool = True) -> Path:
+    """Zip the folder ``source`` into ``out`` (signed with ``key`` when given) and check it.
+
+    ``out`` appears whole and checked, or not at all (nothing is left behind on
+    failure); with ``overwrite=False`` an existing ``out`` raises FileExistsError.
+    """
     files = _collect(source)
     if UPDATE_SCRIPT not in files:
         raise ArchiveError(f"{source}: no {UPDATE_SCRIPT} at the root")
-    tmp = out.with_name(f".{out.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, path in sorted(files.items()):
-            archive.write(path, name)
-        if key is not None:
-            private = load_private_key(key)
-            manifest = manifest_bytes({name: _size_and_hash(p) for name, p in files.items()})
-            archive.writestr(MANIFEST, manifest)
-            archive.writestr(SIGNATURE, sign(private, manifest))
-    public = load_private_key(key).public_key() if key is not None else None
-    check_release(tmp, public)
-    tmp.replace(out)
+    if not overwrite and out.exists():
+        raise FileExistsError(out)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, 0o644)  # a release is not secret; mkstemp's 0600 would surprise
+        with os.fdopen(fd, "wb") as file:
+            with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                for name, path in sorted(files.items()):
+                    archive.write(path, name)
+                if key is not None:
+                    private = load_private_key(key)
+                    manifest = manifest_bytes(
+                        {name: _size_and_hash(p) for name, p in files.items()}
+                    )
+                    archive.writestr(MANIFEST, manifest)
+                    archive.writestr(SIGNATURE, sign(private, manifest))
+            file.flush()
+            os.fsync(file.fileno())
+        public = load_private_key(key).public_key() if key is not None else None
+        check_release(tmp, public)
+        if overwrite:
+            tmp.replace(out)
+        else:
+            os.link(tmp, out)  # fails if `out` appeared meanwhile: never replaced unasked
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 Reporter = Callable[[Status], Awaitable[None]]
 ProgressPrinter = Callable[[int, int], None]
+_FAILURE_LEVELS = {
+    StatusName.CHECK_FAILED: logging.WARNING,  # retried with backoff
+    StatusName.DOWNLOAD_FAILED: logging.WARNING,  # resumed later
+    StatusName.UPDATE_FAILED: logging.ERROR,
+}
+"""Log level of each failure status; a veto (an error on another status) is INFO."""
 
 
 @dataclass
@@ -37,6 +43,8 @@ class Result:
 
     ok: bool
     error: str = ""
+    note: str = ""
+    """Said to the operator on success, e.g. "already up to date: 1.0.0"."""
 
     def __bool__(self) -> bool:
         return self.ok
@@ -100,6 +108,9 @@ class OtaService:
         """Record and publish a status change (state.json first: it must never lag behind)."""
         self.state.status = status.value
         self.state.error = short_error(error)
+        # The one place a failure reaches the log: once, as it happens, in the status's words.
+        level = _FAILURE_LEVELS.get(status, logging.INFO if error else logging.DEBUG)
+        log.log(level, "%s: %s", status.value, self.state.error or "-")
         await in_thread(self._save)
         await self._publish(self.status())
 
@@ -204,9 +215,9 @@ class OtaService:
         A release that changed on the server since the check (412) is checked
         again at once, and the new one fetched, a single time.
         """
-        if operator and self.state.offer is None:
-            checked = await self.check()
-            if not checked:
+        if operator:
+            checked = await self._check_first()
+            if not checked or checked.note:
                 return checked
         fetched = await self._fetch()
         if not isinstance(self.last_failure, ReleaseChanged):
@@ -301,9 +312,9 @@ class OtaService:
         )
 
     async def install(self, operator: bool = False) -> Result:
-        if operator and self.state.offer is None:
-            checked = await self.check()
-            if not checked:
+        if operator:
+            checked = await self._check_first()
+            if not checked or checked.note:
                 return checked
         release = self._release()
         if release is None:
@@ -326,6 +337,20 @@ class OtaService:
             release, self.state, lambda: self.store.save(self.state), self._health
         )
         return await self._finish(release, outcome)
+
+    async def _check_first(self) -> Result:
+        """An operator's download or install asks the server first: what is offered now.
+
+        A note says when there is nothing to do; a failed check still lets an
+        already downloaded release be installed.
+        """
+        checked = await self.check()
+        if checked and self.state.offer is None:
+            version = self.state.current_version or "(no release installed yet)"
+            return Result(True, note=f"already up to date: {version}")
+        if not checked and self.state.offer is not None and self.state.ready:
+            return Result(True)
+        return checked
 
     async def _health(self, release: Release) -> list[str]:
         return await vetoes(

@@ -20,7 +20,13 @@ from connhex_edge_ota.agent import host_plugin_manager, run_agent
 from connhex_edge_ota.archive import ArchiveError, Limits
 from connhex_edge_ota.config import ConfigError, OtaSettings, load_settings, named_config
 from connhex_edge_ota.console import Console, interruptible, print_result, status_line, wants_json
-from connhex_edge_ota.logs import LEVEL_ENV, LEVELS, resolve_level, setup_logging
+from connhex_edge_ota.logs import (
+    LEVEL_ENV,
+    LEVELS,
+    hide_status_lines,
+    resolve_level,
+    setup_logging,
+)
 from connhex_edge_ota.status import Status
 from connhex_edge_ota.store import Busy, Store
 
@@ -194,9 +200,12 @@ def _status(args: argparse.Namespace) -> int:
     hint = settings.missing_file_hint()
     if hint and "CONNHEX_OTA_INSTALL_DIR" not in os.environ:
         raise ConfigError(f"config error: cannot tell where the state is{hint}")
-    state, warning = Store(settings.store_dir).load()
+    store = Store(settings.store_dir)
+    state, warning = store.load()
     if warning:
         print(warning, file=sys.stderr)
+    if not store.state_file.exists():
+        print(f"no state yet at {store.state_file}: the service has not run", file=sys.stderr)
     if wants_json(args.json):
         print(state.model_dump_json(indent=2))
         return EXIT_OK
@@ -226,6 +235,8 @@ def _step(args: argparse.Namespace) -> int:
         return _forward(args.command, settings.nats_url, str(exc), wants_json(args.json))
 
     console = Console(json_lines=args.json)
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        hide_status_lines()  # the console says each status; asked-for logs keep them
 
     async def step() -> int:
         service = OtaService(

@@ -96,3 +96,15 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
     # nats-py logs every reconnect attempt with a traceback at ERROR; the bus
     # reports the connection's state itself, one line per change.
     logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
+
+
+class WithoutStatuses(logging.Filter):
+    """Drops the service's status lines where a console shows each status already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not hasattr(record, "ota_status")
+
+
+def hide_status_lines() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WithoutStatuses())

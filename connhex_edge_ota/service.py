@@ -110,7 +110,7 @@ class OtaService:
         self.state.error = short_error(error)
         # The one place a failure reaches the log: once, as it happens, in the status's words.
         level = _FAILURE_LEVELS.get(status, logging.INFO if error else logging.DEBUG)
-        log.log(level, "%s: %s", status.value, self.state.error or "-")
+        log.log(level, "%s: %s", status, self.state.error or "-", extra={"ota_status": status})
         await in_thread(self._save)
         await self._publish(self.status())
 

@@ -364,7 +364,10 @@ def _one_line(exc: ValidationError, table: dict[str, Any], overrides: dict[str, 
     message = str(error["msg"]).removeprefix("Value error, ")
     if not loc:  # a model-level check names the missing key first
         key, _, message = message.partition(": ")
-        return f"config error: [{TABLE}] {key} is missing: {message}"
+        value = overrides.get(key, table.get(key, os.environ.get(ENV_PREFIX + key.upper())))
+        if value is None:
+            return f"config error: [{TABLE}] {key} is missing: {message}"
+        return f"config error: [{TABLE}] {key} = {str(value)!r}: {message}"
     key = loc[0]
     env_name = ENV_PREFIX + key.upper()
     if key in overrides:

@@ -95,8 +95,7 @@ class Console:
         if status.status != "downloading":
             self._started = None
         if status.status == "download_failed" and self.interrupted:
-            self.say(f"stopped: {status.error}")
-            return
+            return  # the command says where it stopped, once it has
         self.say(status_line(status))
 
     def progress(self, done: int, total: int) -> None:
@@ -118,11 +117,13 @@ class Console:
             return
         filled = int(share * BAR_WIDTH)
         bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-        speed = f"{size(int(rate))}/s" if rate else "-- MiB/s"
+        speed = f"{rate / 1024:.0f} KiB/s" if rate < _MIB else f"{rate / _MIB:.1f} MiB/s"
+        if not rate:
+            speed = "-- KiB/s"
         eta = f"ETA {duration((total - done) / rate)}" if rate and done < total else ""
         if done >= total:
             eta = f"in {duration(elapsed)}"
-        line = f"\r[{bar}] {share:6.1%} {size(done)}/{size(total)} {speed} {eta}"
+        line = f"\r[{bar}] {share:6.1%} {done / _MIB:.1f}/{size(total)} {speed} {eta}"
         print(f"{line:<79}", end="", file=self.err, flush=True)
         self.bar_open = True
         if done >= total:

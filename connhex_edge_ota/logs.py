@@ -83,19 +83,20 @@ def resolve_level(given: str | None, default: str) -> str:
 def setup_logging(level: str, stream: TextIO | None = None) -> None:
     """Send the program's log lines to ``stream`` (stderr) at ``level``, journal-aware."""
     out = stream if stream is not None else sys.stderr
-    handler = logging.StreamHandler(out)
+    handler = _ProgramHandler(out)
     if under_journal(out):
         handler.setFormatter(JournalFormatter())
     else:
         handler.setFormatter(logging.Formatter(READABLE_FORMAT))
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    for old in [h for h in root.handlers if isinstance(h, _ProgramHandler)]:
+        root.removeHandler(old)  # called twice: replace ours, keep anyone else's
     root.addHandler(handler)
     root.setLevel(level)
-    # nats-py logs every reconnect attempt with a traceback at ERROR; the bus
-    # reports the connection's state itself, one line per change.
-    logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
+
+
+class _ProgramHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`setup_logging` installs (and replaces when called again)."""
 
 
 class WithoutStatuses(logging.Filter):
@@ -106,5 +107,7 @@ class WithoutStatuses(logging.Filter):
 
 
 def hide_status_lines() -> None:
+    """Keep the service's status lines out of the program's own log output."""
     for handler in logging.getLogger().handlers:
-        handler.addFilter(WithoutStatuses())
+        if isinstance(handler, _ProgramHandler):
+            handler.addFilter(WithoutStatuses())

@@ -19,6 +19,7 @@ import pytest
 from connhex_edge_ota.console import Console, status_line
 from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.status import Status
+from tests.conftest import wait_until
 
 CLI = [sys.executable, "-m", "connhex_edge_ota"]
 
@@ -254,3 +255,40 @@ def test_pack_leaves_nothing_behind_when_it_fails(tmp_path: Path) -> None:
     )
     assert failed.returncode == 1 and "not a readable private key" in failed.stderr
     assert list(out.parent.iterdir()) == []
+
+
+def test_ctrl_c_during_update_sh_is_rolled_back_at_the_next_step(
+    tmp_path: Path, make_release: Callable[..., Path]
+) -> None:
+    running, rolled = tmp_path / "running", tmp_path / "rolled"
+    with ReleaseServer(_folder(tmp_path)) as server:
+        server.releases.publish(
+            make_release(
+                "2.0.0",
+                update_sh=f'touch "{running}"\nsleep 300\n',
+                rollback_sh=f'touch "{rolled}"\n',
+            )
+        )
+        config = str(agent_toml(tmp_path, server))
+        term = Terminal([*CLI, "install", "--config", config])
+        term.wait_for(b"installing 2.0.0")
+        wait_until(running.exists)
+        term.process.send_signal(signal.SIGINT)
+        code, shown = term.finish()
+        assert code == 1 and "Traceback" not in shown
+        assert "interrupted" in shown
+        after = subprocess.run(
+            [*CLI, "check", "--config", config], capture_output=True, text=True, timeout=60
+        )
+    assert rolled.exists()
+    assert "update failed: interrupted; rolled back" in after.stderr
+
+
+def test_status_on_a_terminal_reads_as_sentences(tmp_path: Path) -> None:
+    with ReleaseServer(_folder(tmp_path)) as server:
+        config = str(agent_toml(tmp_path, server))
+        subprocess.run([*CLI, "check", "--config", config], capture_output=True, timeout=60)
+    term = Terminal([*CLI, "status", "--config", config])
+    code, shown = term.finish()
+    assert code == 0
+    assert shown.startswith("up to date: running 1.0.0\nlast checked: 20")

@@ -30,6 +30,7 @@ class Bus:
         self._handlers: dict[str, Handler] = {}
         self._subscribed: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._link: _Link | None = None
 
     @property
     def connected(self) -> bool:
@@ -38,6 +39,7 @@ class Bus:
     async def connect(self, url: str, name: str, stop: asyncio.Event) -> None:
         """Connect to ``url``, retrying until connected or ``stop`` is set."""
         delay = 0.1
+        link = self._link = _Link(url)
         while not stop.is_set():
             try:
                 nc = await nats.connect(
@@ -47,16 +49,23 @@ class Bus:
                     reconnect_time_wait=1,
                     max_reconnect_attempts=-1,
                     allow_reconnect=True,
-                    error_cb=_log_error,
+                    error_cb=link.error,
+                    disconnected_cb=link.disconnected,
+                    reconnected_cb=link.reconnected,
                 )
             except Exception as exc:
-                log.warning("NATS at %s not reachable (%s); retrying in %.1fs", url, exc, delay)
+                await link.error(exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
                 continue
             self._nc = nc
-            log.info("connected to NATS at %s", url)
+            link.up = True
+            # After "not reachable", the pair's second line, at the same level.
+            log.log(
+                logging.WARNING if link.told_down else logging.INFO, "connected to NATS at %s", url
+            )
+            link.told_down = False
             for subject in list(self._handlers):
                 await self._subscribe(subject)
             return
@@ -90,6 +99,8 @@ class Bus:
     async def close(self) -> None:
         """Drain and close; safe to call twice."""
         nc, self._nc = self._nc, None
+        if self._link is not None:
+            self._link.closing = True
         if nc is not None and not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), 2.0)
@@ -122,5 +133,50 @@ async def _answer(msg: Msg, handler: Handler) -> None:
         await msg.respond(reply)
 
 
-async def _log_error(exc: Exception) -> None:
-    log.debug("NATS: %s", exc)
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+)
+
+
+class _Link:
+    """The NATS connection's state for the log: one line when it is lost, one when it is back.
+
+    nats-py retries by itself and reports each failed attempt; only the first
+    one after a change is worth an operator's attention.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.up = False
+        self.told_down = False
+        self.closing = False
+        """Closed on purpose: the disconnect is not news."""
+
+    async def error(self, exc: Exception) -> None:
+        if not isinstance(exc, _CONNECTION_ERRORS):
+            log.warning("NATS at %s: %s", self.url, exc)
+        elif not self.up and not self.told_down:
+            self.told_down = True
+            log.warning("NATS at %s not reachable (%s); retrying", self.url, _reason(exc))
+        else:
+            log.debug("NATS at %s: %s", self.url, _reason(exc))
+
+    async def disconnected(self) -> None:
+        if self.up and not self.closing:
+            log.warning("NATS connection to %s lost; reconnecting", self.url)
+            self.told_down = True
+        self.up = False
+
+    async def reconnected(self) -> None:
+        self.up = True
+        self.told_down = False
+        log.warning("NATS connection to %s back", self.url)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

@@ -11,8 +11,11 @@ import logging
 import os
 import re
 import shutil
+import socket
+import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -553,26 +556,148 @@ def _offer(response: requests.Response) -> Offer:
         raise ServerError(f"refused release {version}: {reason}") from None
 
 
+_HTTP_HINTS = {
+    400: "; if the server requires a client certificate, set cert_file and key_file",
+    401: "; check init_id and init_key",
+    403: "; check init_id and init_key",
+    404: "; the server does not know this device: check init_id and server_url",
+}
+
+
 def _http_error(response: requests.Response) -> ServerError:
     code = response.status_code
     reason = f"server answered {code} {response.reason or ''}".strip()
+    hint = _HTTP_HINTS.get(code, "")
+    if code == 400 and not response.url.startswith("https://"):
+        hint = ""
+    if code == 400 and "No required SSL certificate" in _short_body(response):
+        hint = "; the server requires a client certificate: set cert_file and key_file"
     return ServerError(
-        reason,
+        reason + hint,
         retry_after=retry_after(response.headers.get("Retry-After")),
         permanent=code in (401, 403, 404),
     )
 
 
+def _short_body(response: requests.Response) -> str:
+    """The start of a small error page (nginx names a missing client certificate there)."""
+    if response.request.method == "HEAD" or int(response.headers.get("Content-Length") or 0) > 4096:
+        return ""
+    try:
+        return response.text[:4096]
+    except (requests.RequestException, OSError):
+        return ""
+
+
 def _network_error(exc: requests.RequestException) -> str:
-    """A short reason that never carries request headers (they hold the key)."""
+    """What went wrong and where, for the operator; never the request's headers (the key).
+
+    The text is built from the parts of the exception chain, never from the
+    whole exception, which could quote a request.
+    """
+    where = _origin(exc)
+    causes = list(_chain(exc))
     if isinstance(exc, requests.exceptions.SSLError):
-        return "TLS error: the server certificate could not be verified"
+        return f"TLS error with {where}: {_tls_reason(causes)}"
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return "connection ended early"
+        return f"connection to {where} ended early"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return "connection timed out"
-    if isinstance(exc, (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError)):
-        if "Read timed out" in str(exc) or isinstance(exc, requests.exceptions.ReadTimeout):
-            return "transfer stalled (read timeout)"
-        return "connection failed"
-    return f"HTTP error: {type(exc).__name__}"
+        limit = re.search(r"connect timeout=([\d.]+)", " ".join(str(c) for c in causes))
+        within = f" within {float(limit.group(1)):g}s" if limit else ""
+        return f"cannot connect to {where}: no answer{within} (connect_timeout)"
+    if isinstance(exc, requests.exceptions.ReadTimeout) or any(
+        "Read timed out" in str(c) for c in causes
+    ):
+        return f"transfer from {where} stalled (nothing received within stall_timeout)"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return f"cannot connect to {where}: {_connection_reason(causes)}"
+    return f"HTTP error with {where}: {type(exc).__name__}"
+
+
+def _origin(exc: requests.RequestException) -> str:
+    """``scheme://host:port`` of the failed request (no path, no query)."""
+    request = exc.request
+    url = request.url if request is not None and request.url else ""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        return "the server"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and every cause behind it (requests and urllib3 nest them in args)."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if any(current is s for s in seen):
+            continue
+        seen.append(current)
+        for nested in (
+            getattr(current, "reason", None),
+            *(a for a in current.args if isinstance(a, BaseException)),
+            current.__cause__,
+            current.__context__,
+        ):
+            if isinstance(nested, BaseException):
+                todo.append(nested)
+    return seen
+
+
+def _connection_reason(causes: list[BaseException]) -> str:
+    for cause in causes:
+        if type(cause).__name__ == "NameResolutionError" or isinstance(cause, socket.gaierror):
+            return "the host name could not be resolved (DNS); check server_url"
+    for cause in causes:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused (is the server running and the port right?)"
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset by the server"
+        if isinstance(cause, OSError) and cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return f"{os.strerror(cause.errno)} (check the network)"
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno and cause.strerror:
+            return cause.strerror.lower()
+    return "the connection failed"
+
+
+def _tls_reason(causes: list[BaseException]) -> str:
+    for cause in causes:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return _verify_reason(cause)
+    for cause in causes:
+        if isinstance(cause, ssl.SSLEOFError):
+            return (
+                "the server ended the TLS handshake: it may require a client certificate "
+                "(set cert_file and key_file) or not trust the one given"
+            )
+        if isinstance(cause, ssl.SSLError):
+            text = f"{cause.reason or ''} {cause}".upper()
+            if "KEY_VALUES_MISMATCH" in text:
+                return "key_file does not belong to cert_file (a local mistake: fix the pair)"
+            if any(k in text for k in ("WRONG_VERSION_NUMBER", "RECORD_LAYER", "HTTP_REQUEST")):
+                return "the server does not speak TLS (use http://, or check the port)"
+            if "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text:
+                return "the server requires a client certificate: set cert_file and key_file"
+            if any(k in text for k in ("BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")):
+                return "the server does not accept our client certificate (cert_file)"
+            return str(cause.reason or cause.strerror or "handshake failed").replace("_", " ")
+    return "handshake failed"
+
+
+def _verify_reason(cause: ssl.SSLCertVerificationError) -> str:
+    message = cause.verify_message or ""
+    if "expired" in message:
+        return "the server certificate has expired"
+    if "not yet valid" in message:
+        return "the server certificate is not yet valid (check this device's clock)"
+    if "mismatch" in message or "not valid for" in message:
+        return f"the server certificate is for another host name ({message})"
+    if "issuer" in message or "self-signed" in message or "self signed" in message:
+        return (
+            f"the server certificate is signed by an unknown CA ({message}); "
+            "set ca_file to the CA that signed it"
+        )
+    return f"the server certificate could not be verified ({message or cause})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -18,6 +19,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -34,8 +36,11 @@ from connhex_edge_ota.duration import parse_duration
 from connhex_edge_ota.release import UnsafeVersionError, check_version
 
 DEFAULT_CONFIG_PATH = Path("/opt/connhex/configs/agent.toml")
+CONFIG_ENV = "CONNHEX_AGENT_CONFIG"
 ENV_PREFIX = "CONNHEX_OTA_"
 TABLE = "ota"
+OTHER_ENV = frozenset({"CONNHEX_OTA_LOG_LEVEL", "CONNHEX_OTA_TEST_KILL_POINT"})
+"""``CONNHEX_OTA_*`` variables that are not ``[ota]`` keys (read by the command line)."""
 
 
 class ConfigError(Exception):
@@ -210,11 +215,41 @@ class OtaSettings(BaseSettings):
             raise ValueError("not absolute")
         return value
 
+    # Files are read at start: a mistake stops the program now, not after a download.
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
     def _check_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+        if value is None:
+            return value
+        if not value.is_file():
             raise ValueError("no such file")
+        try:
+            with value.open("rb") as file:
+                file.read(1)
+        except OSError as exc:
+            raise ValueError(f"cannot be read: {exc.strerror}") from None
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _check_ca(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                ssl.create_default_context(cafile=str(value))
+            except ssl.SSLError as exc:
+                raise ValueError(f"not a PEM CA bundle ({_ssl_reason(exc)})") from None
+        return value
+
+    @field_validator("public_key")
+    @classmethod
+    def _check_public_key(cls, value: str | None) -> str | None:
+        if value:
+            from connhex_edge_ota.signing import KeyFileError, load_public_key
+
+            try:
+                load_public_key(value)
+            except KeyFileError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @model_validator(mode="after")
@@ -222,6 +257,16 @@ class OtaSettings(BaseSettings):
         if (self.cert_file is None) != (self.key_file is None):
             missing = "key_file" if self.key_file is None else "cert_file"
             raise ValueError(f"{missing}: cert_file and key_file go together")
+        if self.cert_file is not None and self.key_file is not None:
+            try:
+                ssl.create_default_context().load_cert_chain(self.cert_file, self.key_file)
+            except ssl.SSLError as exc:
+                if "KEY_VALUES_MISMATCH" in str(exc):
+                    reason = "does not belong to cert_file (the key and certificate differ)"
+                    raise ValueError(f"key_file: {reason}") from None
+                raise ValueError(
+                    f"cert_file: not a usable client certificate and key ({_ssl_reason(exc)})"
+                ) from None
         return self
 
     @property
@@ -232,13 +277,23 @@ class OtaSettings(BaseSettings):
     def downloads_enabled(self) -> bool:
         return self.auto_download or self.auto_install
 
+    _missing_file: Path | None = PrivateAttr(default=None)
+    """The config file that was looked for and not found (only the default path may be)."""
+
     def require_server(self) -> None:
         """Raise :class:`ConfigError` unless the keys needed to reach the server are set."""
         for key in ("server_url", "init_id"):
             if not getattr(self, key):
                 raise ConfigError(
                     f"config error: [ota] {key} is required: expected {EXPECTED[key]}"
+                    + self.missing_file_hint()
                 )
+
+    def missing_file_hint(self) -> str:
+        """``"; no config file at <path> ..."`` when the file looked for was not there."""
+        if self._missing_file is None:
+            return ""
+        return f"; no config file at {self._missing_file} (give --config PATH or set {CONFIG_ENV})"
 
     @classmethod
     def settings_customise_sources(
@@ -260,8 +315,21 @@ def config_path(given: str | Path | None = None) -> Path:
     """``--config PATH``, else ``$CONNHEX_AGENT_CONFIG``, else the default path."""
     if given:
         return Path(given)
-    env = os.environ.get("CONNHEX_AGENT_CONFIG")
+    env = os.environ.get(CONFIG_ENV)
     return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def named_config(given: str | Path | None = None) -> Path:
+    """:func:`config_path`, and ConfigError when a file named by the operator is missing.
+
+    Only the default path may be absent (all keys then come from the environment).
+    """
+    path = config_path(given)
+    named = "--config" if given else CONFIG_ENV if os.environ.get(CONFIG_ENV) else ""
+    if named and not path.is_file():
+        what = "is not a file" if path.exists() else "no such file"
+        raise ConfigError(f"config error: {path} (from {named}): {what}")
+    return path
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -315,13 +383,32 @@ def load_settings(path: Path | None = None, **overrides: Any) -> OtaSettings:
             hint = difflib.get_close_matches(key, sorted(known), n=1)
             suffix = f" (did you mean {hint[0]}?)" if hint else ""
             raise ConfigError(f"config error: [{TABLE}] {key} is not a known key{suffix}")
+    _check_environment(known)
     kwargs = dict(overrides)
     if table:
         kwargs["_toml_file"] = path
     try:
-        return OtaSettings(**kwargs)
+        settings = OtaSettings(**kwargs)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc, table, overrides)) from None
+    if path is not None and not path.exists():
+        settings._missing_file = path
+    return settings
+
+
+def _check_environment(known: set[str]) -> None:
+    """An unknown ``CONNHEX_OTA_*`` variable is a typo, reported like an unknown key."""
+    names = {ENV_PREFIX + key.upper() for key in known} | OTHER_ENV
+    for variable in sorted(os.environ):
+        if not variable.upper().startswith(ENV_PREFIX) or variable.upper() in names:
+            continue
+        hint = difflib.get_close_matches(variable.upper(), sorted(names), n=1)
+        suffix = f" (did you mean {hint[0]}?)" if hint else ""
+        raise ConfigError(f"config error: environment {variable} is not a known variable{suffix}")
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    return str(exc.reason or exc.strerror or exc).replace("_", " ").lower()
 
 
 def _one_line(exc: ValidationError, table: dict[str, Any], overrides: dict[str, Any]) -> str:
@@ -330,7 +417,10 @@ def _one_line(exc: ValidationError, table: dict[str, Any], overrides: dict[str, 
     message = str(error["msg"]).removeprefix("Value error, ")
     if not loc:  # a model-level check names the missing key first
         key, _, message = message.partition(": ")
-        return f"config error: [{TABLE}] {key} is missing: {message}"
+        value = overrides.get(key, table.get(key, os.environ.get(ENV_PREFIX + key.upper())))
+        if value is None:
+            return f"config error: [{TABLE}] {key} is missing: {message}"
+        return f"config error: [{TABLE}] {key} = {str(value)!r}: {message}"
     key = loc[0]
     env_name = ENV_PREFIX + key.upper()
     if key in overrides:

@@ -37,13 +37,21 @@ class PackUsageError(ValueError):
 
 
 def pack(
-    source: Path, out: Path, key: Path | None = None, version: str = "", model: str = ""
+    source: Path,
+    out: Path,
+    key: Path | None = None,
+    version: str = "",
+    model: str = "",
+    *,
+    overwrite: bool = True,
 ) -> Path:
     """Zip the folder ``source`` into ``out`` and check it.
 
     With ``key`` the release is signed and ``version`` is required: the signed
     manifest binds it. Without ``key`` an unsigned manifest records ``version``
-    and ``model`` when given.
+    and ``model`` when given. ``out`` appears whole and checked, or not at all
+    (nothing is left behind on failure); with ``overwrite=False`` an existing
+    ``out`` raises FileExistsError.
     """
     if key is not None and not version:
         raise PackUsageError("--version is required with --key: the signature binds the version")
@@ -55,25 +63,34 @@ def pack(
     files = _collect(source)
     if UPDATE_SCRIPT not in files:
         raise ArchiveError(f"{source}: no {UPDATE_SCRIPT} at the root")
+    if not overwrite and out.exists():
+        raise FileExistsError(out)
     private = load_private_key(key) if key is not None else None
-    tmp = out.with_name(f".{out.name}.tmp")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = Path(tmp_name)
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for name, path in sorted(files.items()):
-                archive.write(path, name)
-            if version or model:
-                hashes = {name: _size_and_hash(p) for name, p in files.items()}
-                manifest = manifest_bytes(hashes, version, model)
-                archive.writestr(MANIFEST, manifest)
-                if private is not None:
-                    archive.writestr(SIGNATURE, sign(private, manifest))
+        os.fchmod(fd, 0o644)  # a release is not secret; mkstemp's 0600 would surprise
+        with os.fdopen(fd, "wb") as file:
+            with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                for name, path in sorted(files.items()):
+                    archive.write(path, name)
+                if version or model:
+                    hashes = {name: _size_and_hash(p) for name, p in files.items()}
+                    manifest = manifest_bytes(hashes, version, model)
+                    archive.writestr(MANIFEST, manifest)
+                    if private is not None:
+                        archive.writestr(SIGNATURE, sign(private, manifest))
+            file.flush()
+            os.fsync(file.fileno())
         signed = check_release(tmp, private.public_key() if private is not None else None)
         if private is not None:
             check_identity(signed, version, model)
-    except BaseException:
+        if overwrite:
+            tmp.replace(out)
+        else:
+            os.link(tmp, out)  # fails if `out` appeared meanwhile: never replaced unasked
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(out)
     return out
 
 

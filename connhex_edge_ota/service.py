@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 
 Reporter = Callable[[Status], Awaitable[None]]
 ProgressPrinter = Callable[[int, int], None]
+_FAILURE_LEVELS = {
+    StatusName.CHECK_FAILED: logging.WARNING,  # retried with backoff
+    StatusName.DOWNLOAD_FAILED: logging.WARNING,  # resumed later
+    StatusName.UPDATE_FAILED: logging.ERROR,
+}
+"""Log level of each failure status; a veto (an error on another status) is INFO."""
 
 
 @dataclass
@@ -97,7 +103,11 @@ class OtaService:
 
     async def _report(self, status: StatusName, error: str = "") -> None:
         """Record and publish a status change (state.json first: it must never lag behind)."""
-        await in_thread(self.journal.record_status, status.value, short_error(error))
+        error = short_error(error)
+        # The one place a failure reaches the log: once, as it happens, in the status's words.
+        level = _FAILURE_LEVELS.get(status, logging.INFO if error else logging.DEBUG)
+        log.log(level, "%s: %s", status, error or "-", extra={"ota_status": status})
+        await in_thread(self.journal.record_status, status.value, error)
         await self._publish(self.status())
 
     async def _publish(self, status: Status) -> None:
@@ -221,8 +231,8 @@ class OtaService:
 
     async def _download(self, operator: bool) -> Result:
         if operator:
-            checked = await self._check()
-            if not checked or self.state.offer is None:
+            checked = await self._check_first()
+            if not checked or checked.note:
                 return checked
         fetched = await self._fetch()
         if not isinstance(fetched.failure, ReleaseChanged):
@@ -328,8 +338,8 @@ class OtaService:
 
     async def _install(self, operator: bool) -> Result:
         if operator:
-            checked = await self._check()
-            if not checked or self.state.offer is None:
+            checked = await self._check_first()
+            if not checked or checked.note:
                 return checked
         release = self.journal.release()
         if release is None:
@@ -350,6 +360,20 @@ class OtaService:
         await self._report(StatusName.UPDATING)
         outcome = await self.installer.install(release)
         return await self._finish(release, outcome)
+
+    async def _check_first(self) -> Result:
+        """An operator's download or install asks the server first: what is offered now.
+
+        A note says when there is nothing to do; a failed check still lets an
+        already downloaded release be installed.
+        """
+        checked = await self.check()
+        if checked and self.state.offer is None:
+            version = self.state.current_version or "(no release installed yet)"
+            return Result(True, note=f"already up to date: {version}")
+        if not checked and self.state.offer is not None and self.state.ready:
+            return Result(True)
+        return checked
 
     async def _health(self, release: Release) -> list[str]:
         return await vetoes(

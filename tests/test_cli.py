@@ -107,7 +107,9 @@ def test_check_by_hand_without_a_server_fails_with_1(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     reply = json.loads(result.stdout)
-    assert reply == {"ok": False, "error": "connection failed", "status": reply["status"]}
+    error = "cannot connect to http://127.0.0.1:9: connection refused"
+    assert reply == {"ok": False, "error": reply["error"], "status": reply["status"]}
+    assert reply["error"].startswith(error)
     assert reply["status"]["status"] == "check_failed"
 
 

@@ -89,7 +89,7 @@ def test_cut_connection_resumes_with_range_and_if_match(
     device = Device(tmp_path, release_server)
     release = device.offer()
     release_server.faults.cut_at = release.size // 2
-    with pytest.raises(ServerError, match="connection ended"):
+    with pytest.raises(ServerError, match=r"^connection to the server ended early at \d+ of"):
         device.download(release)
     part = release.part_path
     kept = part.stat().st_size  # kept for the next try, less at most one unfinished chunk
@@ -264,7 +264,9 @@ def test_connect_timeout_is_a_clear_failure(tmp_path: Path) -> None:
             install_dir=str(tmp_path),
             connect_timeout="300ms",
         )
-        with pytest.raises(ServerError, match=r"^connection timed out$"):
+        with pytest.raises(
+            ServerError, match=rf"^cannot connect to http://127.0.0.1:{port}: no answer within 0.3s"
+        ):
             Server(settings).check("")
     finally:
         for sock in [*fillers, listener]:

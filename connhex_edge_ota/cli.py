@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from connhex_edge_ota import __version__
-from connhex_edge_ota.agent import host_plugin_manager, run_agent
+from connhex_edge_ota.agent import StepHost, configure_each, host_plugin_manager, run_agent
 from connhex_edge_ota.archive import ArchiveError, Limits
 from connhex_edge_ota.config import ConfigError, config_path, load_settings
 from connhex_edge_ota.status import Status
@@ -113,7 +113,9 @@ def _step(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     settings = load_settings(path)
     settings.require_server()
+    # The lifecycle of `run`: plugins loaded and checked, each configured from its table.
     pm, _ = host_plugin_manager(path)
+    StepHost(path, pm).configure()
     store = Store(settings.store_dir)
     try:
         store.lock()
@@ -130,6 +132,7 @@ def _step(args: argparse.Namespace) -> int:
         service.open()
         await service.recover()
         result = await service.operator_step(args.command)
+        await service.drain_hooks()
         service.server.close()
         print(
             json.dumps(
@@ -197,11 +200,17 @@ def _progress_printer() -> Callable[[int, int], None]:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    _pm, loaded = host_plugin_manager(config_path(args.config))
+    """One line per plugin; exit 1 when any was refused, failed to import or has a bad table."""
+    path = config_path(args.config)
+    logging.getLogger("connhex_edge_ota.loading").setLevel(logging.CRITICAL)  # listed below
+    pm, loaded = host_plugin_manager(path)
+    bad_tables = configure_each(StepHost(path, pm))
+    failed = False
     for plugin in loaded:
-        state = plugin.error or "loaded"
+        state = plugin.error or bad_tables.get(plugin.name, "") or "loaded"
+        failed = failed or plugin.failed or plugin.name in bad_tables
         print(f"{plugin.name}\t{plugin.distribution} {plugin.version}\t{state}")
-    return EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _pack(args: argparse.Namespace) -> int:

@@ -22,9 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from connhex_edge_ota import hookimpl
-from connhex_edge_ota.bus import Bus
 from connhex_edge_ota.config import load_table, plugin_table
-from connhex_edge_ota.lifecycle import Agent
+from connhex_edge_ota.lifecycle import Agent, MessageBus
 from connhex_edge_ota.status import Status
 
 TABLE = "status_forwarder"
@@ -59,7 +58,7 @@ def senml(status: Status, name: str, now: float) -> list[dict[str, Any]]:
 class StatusForwarder:
     def __init__(self) -> None:
         self.config = ForwarderConfig()
-        self._bus: Bus | None = None
+        self._bus: MessageBus | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last: Status | None = None
         self._lock = threading.Lock()

@@ -1,19 +1,21 @@
-"""Calling the OTA hooks: one typed method per hook, one bounded worker thread per plugin.
+"""Calling the OTA hooks: one typed method per hook, one bounded worker per plugin.
 
 The service never calls a hook by name: :class:`Hooks` has a method for each
 (``veto_download``, ``veto_install``, ``health``, ``status``, ``progress``), so
 a misspelled hook is a type error, not a silent "no vetoes".
 
-Each plugin gets one daemon thread that runs its calls one at a time, so a
-plugin that hangs holds that one thread whatever the number of calls, and
-never the event loop nor the process's exit. In a plugin's queue:
+Each plugin gets one worker with two lanes, each a daemon thread started on
+demand that runs its calls one at a time: one lane for the gates, one for the
+notifications, so that a plugin stuck forwarding a status still answers its
+gates. A plugin that hangs holds at most those two threads whatever the number
+of calls, and never the event loop nor the process's exit.
 
-- gate calls (``ota_pre_*``, ``ota_post_install``) go first; one not answered
-  within ``hook_timeout`` is a veto (or a failed check) and, if it has not
-  started yet, is dropped;
-- statuses follow in order; at most ``STATUS_BACKLOG`` wait (the oldest are
-  dropped first, so the newest always arrives);
-- progress waits in one slot: an event the plugin has not taken yet is
+- Gate calls (``ota_pre_*``, ``ota_post_install``): one not answered within
+  ``hook_timeout`` is a veto (or a failed check) and, if it has not started
+  yet, is dropped.
+- Statuses, in order; at most ``STATUS_BACKLOG`` wait (the oldest are dropped
+  first, so the newest always arrives).
+- Progress waits in one slot: an event the plugin has not taken yet is
   replaced by the newest.
 
 ``status`` and ``progress`` only queue: a notification never delays a step.
@@ -57,10 +59,11 @@ class _Call:
 
 
 class PluginWorker:
-    """One plugin's hook calls, run one at a time by one daemon thread (started on demand)."""
+    """One lane of a plugin's hook calls, run one at a time by one daemon thread (on demand)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, lane: str) -> None:
         self.name = name
+        self.lane = lane
         self._changed = threading.Condition()
         self._gates: deque[_Call] = deque()
         self._notices: deque[_Call] = deque()
@@ -145,7 +148,7 @@ class PluginWorker:
             return
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._work, name=f"plugin-{self.name}", daemon=True
+                target=self._work, name=f"plugin-{self.name}-{self.lane}", daemon=True
             )
             self._thread.start()
         self._changed.notify()
@@ -196,7 +199,8 @@ class Hooks:
     def __init__(self, pm: pluggy.PluginManager, timeout: float) -> None:
         self.pm = pm
         self.timeout = timeout
-        self._workers: dict[str, PluginWorker] = {}
+        self._gate_lanes: dict[str, PluginWorker] = {}
+        self._notice_lanes: dict[str, PluginWorker] = {}
         self._lock = threading.Lock()
 
     # gates: every plugin asked, each veto as "<plugin>: <reason>"
@@ -219,7 +223,7 @@ class Hooks:
         """``ota_on_status``: queued for each plugin, delivered in order."""
         for impl in self._impls(self.pm.hook.ota_on_status):
             call = _Call("ota_on_status", impl.function, _args(impl, {"status": status}))
-            self._worker(impl).notify_status(call)
+            self._lane(self._notice_lanes, impl, "notices").notify_status(call)
             _log_failure(call, plugin_name(self.pm, impl))
 
     def progress(self, release: Release, downloaded: int, total: int) -> None:
@@ -227,7 +231,7 @@ class Hooks:
         kwargs = {"release": release, "downloaded": downloaded, "total": total}
         for impl in self._impls(self.pm.hook.ota_on_progress):
             call = _Call("ota_on_progress", impl.function, _args(impl, kwargs))
-            self._worker(impl).notify_progress(call)
+            self._lane(self._notice_lanes, impl, "notices").notify_progress(call)
             _log_failure(call, plugin_name(self.pm, impl))
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -237,7 +241,7 @@ class Hooks:
         abandoned by :meth:`close`.
         """
         with self._lock:
-            markers = [asyncio.wrap_future(w.mark()) for w in self._workers.values()]
+            markers = [asyncio.wrap_future(w.mark()) for w in self._notice_lanes.values()]
         if not markers:
             return True
         _done, pending = await asyncio.wait(
@@ -250,7 +254,8 @@ class Hooks:
     def close(self) -> None:
         """Abandon every queued call; hung plugins keep only their own thread (a daemon)."""
         with self._lock:
-            workers, self._workers = list(self._workers.values()), {}
+            workers = [*self._gate_lanes.values(), *self._notice_lanes.values()]
+            self._gate_lanes, self._notice_lanes = {}, {}
         for worker in workers:
             worker.close()
 
@@ -259,12 +264,14 @@ class Hooks:
     def _impls(self, caller: pluggy.HookCaller) -> list[pluggy.HookImpl]:
         return [i for i in caller.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
 
-    def _worker(self, impl: pluggy.HookImpl) -> PluginWorker:
+    def _lane(
+        self, lanes: dict[str, PluginWorker], impl: pluggy.HookImpl, lane: str
+    ) -> PluginWorker:
         name = plugin_name(self.pm, impl)
         with self._lock:
-            worker = self._workers.get(name)
+            worker = lanes.get(name)
             if worker is None:
-                worker = self._workers[name] = PluginWorker(name)
+                worker = lanes[name] = PluginWorker(name, lane)
             return worker
 
     async def _gate(self, caller: pluggy.HookCaller, kwargs: dict[str, Any]) -> list[str]:
@@ -276,7 +283,7 @@ class Hooks:
                 # Refused at load by the reference host; a host that let one in fails closed.
                 found.append(f"{name}: a wrapper on {caller.name} cannot be honoured")
                 continue
-            worker = self._worker(impl)
+            worker = self._lane(self._gate_lanes, impl, "gates")
             call = _Call(caller.name, impl.function, _args(impl, kwargs))
             asked.append((name, worker, asyncio.wrap_future(worker.call(call))))
         if asked:

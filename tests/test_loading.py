@@ -70,10 +70,10 @@ def test_wrong_argument_name_is_refused() -> None:
     assert pm.get_plugin("wrong") is None
 
 
-@pytest.mark.parametrize("marker", [{"wrapper": True}, {"hookwrapper": True}])
-def test_wrapper_on_an_ota_hook_is_refused_not_skipped(marker: dict[str, bool]) -> None:
+@pytest.mark.parametrize("old_style", [False, True])
+def test_wrapper_on_an_ota_hook_is_refused_not_skipped(old_style: bool) -> None:
     class Wrapper:
-        @hookimpl(**marker)
+        @hookimpl(wrapper=not old_style, hookwrapper=old_style)
         def ota_pre_install(self, release: Release) -> Generator[None, Any, Any]:
             return (yield)
 

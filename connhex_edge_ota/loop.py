@@ -74,9 +74,10 @@ class UpdateLoop:
             for task in (worker, beats):
                 task.cancel()
             await asyncio.gather(worker, beats, return_exceptions=True)
-            # Plugins see the last status (or are abandoned after hook_timeout).
-            await self.service.drain_hooks()
-            self.service.close()
+            try:  # plugins see the last status (or are abandoned after hook_timeout)
+                await self.service.drain_hooks()
+            finally:
+                self.service.close()
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

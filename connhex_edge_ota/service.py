@@ -117,9 +117,11 @@ class OtaService:
     async def drain_hooks(self) -> None:
         """On shutdown: plugins get up to ``hook_timeout`` to take the statuses queued so far
         (the last one included); what is left then is abandoned."""
-        if not await self.hooks.drain():
-            log.warning("status hooks still busy after %gs; abandoned", self.hooks.timeout)
-        self.hooks.close()
+        try:
+            if not await self.hooks.drain():
+                log.warning("status hooks still busy after %gs; abandoned", self.hooks.timeout)
+        finally:
+            self.hooks.close()
 
     def cancel_transfer(self) -> None:
         """Make a running download stop at its next chunk (it resumes later)."""

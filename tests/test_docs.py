@@ -19,6 +19,7 @@ from connhex_edge_ota import hookspecs, lifecycle
 from connhex_edge_ota.natsserver import NatsServer
 from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.testing import StatusWatcher, write_agent_toml
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -124,3 +125,71 @@ def test_embed_example_runs_the_addon_in_another_host(
         host.send_signal(signal.SIGTERM)
         _out, err = host.communicate(timeout=10)
     assert host.returncode == 0, err
+
+
+def embed_config(path: Path, server: ReleaseServer, **ota: object) -> Path:
+    return write_agent_toml(
+        path / "agent.toml",
+        {
+            "ota": {
+                "server_url": server.url,
+                "init_id": "embedded",
+                "auto_install": True,
+                "install_dir": str(path / "opt"),
+                "initial_version": "1.0.0",
+                "free_space_margin": 0,
+                **ota,
+            }
+        },
+    )
+
+
+def test_embed_example_says_a_bad_config_in_one_line_and_exits_2(
+    tmp_path: Path, release_server: ReleaseServer
+) -> None:
+    (tmp_path / "my_agent.py").write_text(code_block("my_agent.py"))
+    config = embed_config(tmp_path, release_server, check_interval="soon")
+    result = subprocess.run(
+        [sys.executable, "my_agent.py"],
+        cwd=tmp_path,
+        env={**os.environ, "CONNHEX_AGENT_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("config error: [ota] check_interval = 'soon'")
+    )
+
+
+def test_embed_example_updates_without_nats_and_stops_on_sigint(
+    tmp_path: Path, release_server: ReleaseServer, make_release: Callable[..., Path]
+) -> None:
+    from connhex_edge_ota.natsserver import free_port
+
+    (tmp_path / "my_agent.py").write_text(code_block("my_agent.py"))
+    release_server.releases.publish(make_release("9.1.0"))
+    config = embed_config(tmp_path, release_server)
+    state = tmp_path / "opt" / ".store" / "ota" / "state.json"
+    host = subprocess.Popen(
+        [sys.executable, "my_agent.py"],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "NATS_URL": f"nats://127.0.0.1:{free_port()}",  # nobody listens there
+            "CONNHEX_AGENT_CONFIG": str(config),
+        },
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: state.is_file() and '"current_version": "9.1.0"' in state.read_text())
+    finally:
+        host.send_signal(signal.SIGINT)
+        _out, err = host.communicate(timeout=15)
+    assert host.returncode == 0, err
+    assert "Traceback" not in err

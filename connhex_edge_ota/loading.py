@@ -44,6 +44,11 @@ class LoadedPlugin:
     """Why it was not loaded ("" when it was); one line."""
 
     @property
+    def origin(self) -> str:
+        """Where it came from, for logs: ``"dist 1.2"``, ``"module"`` or ``"given"``."""
+        return f"{self.distribution.strip('()')} {self.version}".strip()
+
+    @property
     def failed(self) -> bool:
         """Refused or broken (a blocked plugin is neither)."""
         return bool(self.error) and self.error != "blocked"
@@ -99,9 +104,11 @@ def load_plugins(
         try:
             plugin = load()
         except Exception as exc:
-            error = one_line(f"{type(exc).__name__}: {exc}")
-            log.error("plugin %s (%s %s) not loaded: %s", name, distribution, version, error)
-            loaded.append(LoadedPlugin(name, distribution, version, error))
+            failed = LoadedPlugin(
+                name, distribution, version, one_line(f"{type(exc).__name__}: {exc}")
+            )
+            log.error("plugin %s (%s) not loaded: %s", name, failed.origin, failed.error)
+            loaded.append(failed)
             return
         candidates.append(_Candidate(name, plugin, distribution, version))
 
@@ -127,15 +134,9 @@ def load_plugins(
         entry = LoadedPlugin(candidate.name, candidate.distribution, candidate.version, reason)
         loaded.append(entry)
         if reason:
-            log.error(
-                "plugin %s (%s %s) refused: %s",
-                entry.name,
-                entry.distribution,
-                entry.version,
-                reason,
-            )
+            log.error("plugin %s (%s) refused: %s", entry.name, entry.origin, reason)
         else:
-            log.info("plugin %s loaded from %s %s", entry.name, entry.distribution, entry.version)
+            log.info("plugin %s loaded (%s)", entry.name, entry.origin)
     pm.check_pending()
     return loaded
 

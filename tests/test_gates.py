@@ -162,3 +162,20 @@ def test_hung_status_and_progress_hooks_keep_the_thread_count_flat(
     assert max(samples) - min(samples) <= 1, samples  # grew by ~17 a second before
     statuses.wait_status("update_ready", after=after, timeout=30)
     assert agent.stop() == 0
+
+
+def test_run_logs_a_refused_plugin_once_at_error_and_goes_on(
+    ota_agent: Callable[..., OtaAgent], statuses: StatusWatcher, tmp_path: Path
+) -> None:
+    (tmp_path / "typo_gate.py").write_text(
+        "from connhex_edge_ota import hookimpl\n\n"
+        "@hookimpl\ndef ota_pre_instal(release):\n    return 'never asked'\n"
+    )
+    agent = ota_agent(plugins=["typo_gate"], env={"PYTHONPATH": str(tmp_path)})
+    statuses.wait_status("updated")  # the agent runs without it
+    assert agent.stop() == 0
+    errors = [ln for ln in agent.output().splitlines() if " ERROR " in ln]
+    assert errors == [
+        errors[0].split(" ERROR ")[0] + " ERROR connhex_edge_ota.loading: plugin typo_gate "
+        "(module) refused: unknown hook ota_pre_instal (did you mean ota_pre_install?)"
+    ]

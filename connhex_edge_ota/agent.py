@@ -1,7 +1,9 @@
 """The reference host: a pluggy plugin manager and an asyncio agent that runs plugins.
 
-``connhex-edge-ota run`` is this host. An existing agent embeds the addon with
-:func:`plugin_manager` and the lifecycle hooks of :mod:`connhex_edge_ota.lifecycle`.
+``connhex-edge-ota run`` is this host, and :class:`StepHost` the host of one
+command-line step: both load, check and configure plugins the same way. An
+existing agent embeds the addon with :func:`connhex_edge_ota.loading.load_plugins`
+on its own plugin manager and the lifecycle hooks of :mod:`connhex_edge_ota.lifecycle`.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ def configure_each(agent: lifecycle.Agent) -> dict[str, str]:
         try:
             pm.subset_hook_caller("agent_configure", remove_plugins=others)(agent=agent)
         except Exception as exc:
-            failures[name] = one_line(str(exc) if isinstance(exc, ConfigError) else repr(exc))
+            failure = f"agent_configure raised {type(exc).__name__}: {exc}"
+            failures[name] = one_line(str(exc) if isinstance(exc, ConfigError) else failure)
     return failures
 
 

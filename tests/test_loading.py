@@ -13,8 +13,11 @@ import pytest
 import connhex_edge_ota.plugin
 from connhex_edge_ota import hookimpl, hookspec
 from connhex_edge_ota.agent import StepHost, configure_each, plugin_manager
+from connhex_edge_ota.bus import Bus
 from connhex_edge_ota.hooks import Hooks
+from connhex_edge_ota.lifecycle import MessageBus
 from connhex_edge_ota.loading import LoadedPlugin, load_plugins
+from connhex_edge_ota.natsserver import NatsServer
 from connhex_edge_ota.release import Release
 
 RELEASE = Release(version="2", size=1, digest="sha-256=:x:")
@@ -196,3 +199,22 @@ def test_each_plugin_table_is_checked_on_its_own(tmp_path: Path) -> None:
     failures = configure_each(StepHost(config, pm))
     assert list(failures) == ["maintenance-window"]
     assert failures["maintenance-window"].startswith("config error: [maintenance_window] windows")
+
+
+def test_the_reference_bus_is_a_message_bus_with_request(nats_server: NatsServer) -> None:
+    async def roundtrip() -> bytes:
+        bus: MessageBus = Bus()  # mypy checks the protocol here
+        assert isinstance(bus, Bus)
+        stop = asyncio.Event()
+
+        async def echo(body: bytes) -> bytes:
+            return b"echo:" + body
+
+        await bus.serve("test.echo", echo)  # before connecting: applied once connected
+        await bus.connect(nats_server.url, "test", stop)
+        try:
+            return await bus.request("test.echo", b"hi", timeout=5)
+        finally:
+            await bus.close()
+
+    assert asyncio.run(roundtrip()) == b"echo:hi"

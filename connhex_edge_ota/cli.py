@@ -132,13 +132,14 @@ def _step(args: argparse.Namespace) -> int:
         service.open()
         await service.recover()
         result = await service.operator_step(args.command)
-        await service.drain_hooks()
         service.server.close()
         print(
             json.dumps(
                 {"ok": result.ok, "error": result.error, "status": service.status().payload()}
-            )
+            ),
+            flush=True,
         )
+        await service.drain_hooks()  # status plugins get the last status (within hook_timeout)
         return EXIT_OK if result.ok else EXIT_FAILED
 
     try:

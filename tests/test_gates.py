@@ -136,7 +136,7 @@ def test_hung_status_and_progress_hooks_keep_the_thread_count_flat(
     release_server.faults.rate = 1 * MIB  # a six-second download
     agent = ota_agent(
         auto_download=True,
-        hook_timeout="1s",
+        hook_timeout="1h",  # awaiting a notification would stall the download for good
         heartbeat_interval="100ms",
         progress_rate=50,
         plugins=["dummy-veto"],

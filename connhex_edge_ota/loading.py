@@ -131,6 +131,8 @@ def load_plugins(
                 pm.register(candidate.plugin, name=candidate.name)
             except Exception as exc:
                 reason = one_line(f"{type(exc).__name__}: {exc}")
+                if pm.get_plugin(candidate.name) is candidate.plugin:  # a pluggy without
+                    pm.unregister(name=candidate.name)  # atomic register left a part
         entry = LoadedPlugin(candidate.name, candidate.distribution, candidate.version, reason)
         loaded.append(entry)
         if reason:

@@ -218,3 +218,18 @@ def test_the_reference_bus_is_a_message_bus_with_request(nats_server: NatsServer
             await bus.close()
 
     assert asyncio.run(roundtrip()) == b"echo:hi"
+
+
+def test_a_plugin_whose_agent_addhooks_raises_is_refused() -> None:
+    class Broken:
+        @hookimpl
+        def agent_addhooks(self, pluginmanager: pluggy.PluginManager) -> None:
+            raise RuntimeError("spec module missing\nsee the docs")
+
+    broken = Broken()
+    pm, loaded = load(("broken-specs", broken), ("deny", Deny()))
+    assert loaded["broken-specs"].error == (
+        "agent_addhooks raised RuntimeError: spec module missing | see the docs"
+    )
+    assert pm.get_plugin("broken-specs") is None and traces(pm, broken) == []
+    assert loaded["deny"].error == ""

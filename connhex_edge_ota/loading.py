@@ -4,8 +4,9 @@ A plugin is checked against every hookspec (the addon's, the host's, and those
 other plugins add) on a throwaway manager before it touches the real one, so it
 is either registered whole or refused by name with the reason, never half-loaded.
 Refused: an unknown hook name (with a "did you mean"), an argument name the
-hookspec does not have, a wrapper on an OTA hook (the OTA hooks ask each plugin
-on its own, so a wrapper could not wrap anything), an ``async def`` hook, and
+hookspec does not have, a wrapper on an OTA hook or on ``agent_start`` (those
+ask each plugin on its own, so a wrapper could not wrap anything), an
+``async def`` hook, and
 whatever else pluggy's own ``register`` rejects.
 
 :func:`load_plugins` is also how another pluggy host embeds the addon: it works
@@ -31,6 +32,8 @@ from connhex_edge_ota import PROJECT, hookspecs, lifecycle
 log = logging.getLogger(__name__)
 
 OTA_HOOK_PREFIX = "ota_"
+ONE_BY_ONE = frozenset({"agent_start"})
+"""Host hooks that hosts call plugin by plugin (each failure isolated), like the OTA hooks."""
 
 
 @dataclass(frozen=True)
@@ -197,8 +200,10 @@ def _problems(probe: pluggy.PluginManager, plugin: object, known: list[str]) -> 
             )
             continue
         function = getattr(plugin, attr)
-        if hook.startswith(OTA_HOOK_PREFIX) and (opts.get("wrapper") or opts.get("hookwrapper")):
-            problems.append(f"{hook} is a wrapper; OTA hooks take plain implementations only")
+        one_by_one = hook.startswith(OTA_HOOK_PREFIX) or hook in ONE_BY_ONE
+        if one_by_one and (opts.get("wrapper") or opts.get("hookwrapper")):
+            rule = "OTA hooks take" if hook.startswith(OTA_HOOK_PREFIX) else f"{hook} takes"
+            problems.append(f"{hook} is a wrapper; {rule} plain implementations only")
         if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
             problems.append(f"{hook} is async; hooks must be synchronous")
         argnames = pluggy.HookImpl(plugin, "", function, opts).argnames

@@ -110,6 +110,18 @@ def test_async_hook_is_refused() -> None:
     assert loaded["async"].error == "ota_pre_install is async; hooks must be synchronous"
 
 
+def test_wrapper_on_agent_start_is_refused_it_starts_each_plugin_on_its_own() -> None:
+    class Around:
+        @hookimpl(wrapper=True)
+        def agent_start(self, agent: Any) -> Generator[None, Any, Any]:
+            return (yield)
+
+    _pm, loaded = load(("around", Around()))
+    assert loaded["around"].error == (
+        "agent_start is a wrapper; agent_start takes plain implementations only"
+    )
+
+
 def test_wrapper_on_a_host_hook_is_pluggy_business_and_accepted() -> None:
     class Around:
         @hookimpl(wrapper=True)

@@ -246,3 +246,23 @@ def test_every_hook_package_declares_its_license() -> None:
     for package in HOOK_PACKAGES:
         meta = tomllib.loads((package / "pyproject.toml").read_text())
         assert meta["project"].get("license"), package.name
+
+
+def test_embed_example_gets_the_restart_an_update_asks_for(
+    tmp_path: Path, release_server: ReleaseServer, make_release: Callable[..., Path]
+) -> None:
+    (tmp_path / "my_agent.py").write_text(code_block("my_agent.py"))
+    release_server.releases.publish(make_release("9.2.0", update_sh="exit 10\n"))
+    config = embed_config(tmp_path, release_server)
+    result = subprocess.run(
+        [sys.executable, "my_agent.py"],
+        cwd=tmp_path,
+        env={**os.environ, "NATS_URL": "nats://127.0.0.1:1", "CONNHEX_AGENT_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "restart requested: update.sh of 9.2.0 asked for a restart (exit 10)" in result.stderr
+    state = (tmp_path / "opt" / ".store" / "ota" / "state.json").read_text()
+    assert '"current_version": "9.2.0"' in state

@@ -156,11 +156,10 @@ def _check_all(pm: pluggy.PluginManager, candidates: list[_Candidate]) -> dict[s
     """
     refusals: dict[str, str] = {}
     for candidate in candidates:
-        add_hooks = _impl_named(pm, candidate.plugin, "agent_addhooks")
-        if add_hooks is None:
-            continue
         try:
-            add_hooks(pluginmanager=pm)
+            add_hooks = _impl_named(pm, candidate.plugin, "agent_addhooks")
+            if add_hooks is not None:
+                add_hooks(pluginmanager=pm)
         except Exception as exc:
             failure = f"agent_addhooks raised {type(exc).__name__}: {exc}"
             refusals[candidate.name] = one_line(failure)
@@ -172,12 +171,12 @@ def _check_all(pm: pluggy.PluginManager, candidates: list[_Candidate]) -> dict[s
     for candidate in candidates:
         if candidate.name in refusals:
             continue
-        problems = _problems(probe, candidate.plugin, known)
-        if not problems:
-            try:  # pluggy's own checks, where a failure changes nothing that matters
+        try:
+            problems = _problems(probe, candidate.plugin, known)
+            if not problems:  # pluggy's own checks, on the throwaway manager
                 probe.register(candidate.plugin, name=candidate.name)
-            except Exception as exc:
-                problems = [one_line(f"{type(exc).__name__}: {exc}")]
+        except Exception as exc:
+            problems = [one_line(f"{type(exc).__name__}: {exc}")]
         if problems:
             refusals[candidate.name] = "; ".join(problems)
     return refusals

@@ -245,3 +245,14 @@ def test_a_plugin_whose_agent_addhooks_raises_is_refused() -> None:
     )
     assert pm.get_plugin("broken-specs") is None and traces(pm, broken) == []
     assert loaded["deny"].error == ""
+
+
+def test_a_plugin_whose_attributes_raise_does_not_stop_loading() -> None:
+    class Haunted:
+        @property
+        def ota_pre_install(self) -> Any:
+            raise RuntimeError("boo")
+
+    pm, loaded = load(("haunted", Haunted()), ("deny", Deny()))  # loading goes on
+    assert "haunted" in loaded and loaded["deny"].error == ""
+    assert asyncio.run(Hooks(pm, 5).veto_install(RELEASE)) == ["deny: battery low"]

@@ -1,21 +1,20 @@
 """The reference host: a pluggy plugin manager and an asyncio agent that runs plugins.
 
-``connhex-edge-ota run`` is this host. An existing agent embeds the addon with
-:func:`plugin_manager` and the lifecycle hooks of :mod:`connhex_edge_ota.lifecycle`.
+``connhex-edge-ota run`` is this host, and :class:`StepHost` the host of one
+command-line step: both load, check and configure plugins the same way. An
+existing agent embeds the addon with :func:`connhex_edge_ota.loading.load_plugins`
+on its own plugin manager and the lifecycle hooks of :mod:`connhex_edge_ota.lifecycle`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pluggy
 from connhex_edge_ota import PROJECT, __version__, hookimpl, lifecycle
 from connhex_edge_ota.bus import Bus
 from connhex_edge_ota.config import ConfigError, load_settings, read_toml
+from connhex_edge_ota.loading import LoadedPlugin, load_plugins, one_line
 from connhex_edge_ota.store import Busy
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,6 @@ log = logging.getLogger(__name__)
 BLOCKED_ENV = "CONNHEX_AGENT_BLOCKED_PLUGINS"
 STOP_GRACE = 1.5
 """Seconds spawned tasks get to finish on shutdown before they are cancelled."""
-
-
-@dataclass(frozen=True)
-class LoadedPlugin:
-    name: str
-    distribution: str
-    version: str
-    error: str = ""
-    """Why it was not loaded ("" when it was)."""
 
 
 def _names(config_path: Path | None, key: str) -> list[str]:
@@ -79,74 +70,88 @@ def plugin_manager(
     blocked: Iterable[str] = (),
     plugins: Iterable[tuple[str, object]] = (),
     modules: Iterable[str] = (),
+    installed: bool = True,
 ) -> tuple[pluggy.PluginManager, list[LoadedPlugin]]:
-    """A plugin manager for the ``connhex_edge`` project, built in a fixed order.
-
-    Specs first, then blocked names, then the group's entry points (each on its
-    own: one that fails to import is logged and skipped), then ``modules`` by
-    import name (the same way), then ``plugins`` given by the caller, then a
-    check that every hook implemented is known.
-    """
+    """A new plugin manager for the ``connhex_edge`` project, loaded by
+    :func:`connhex_edge_ota.loading.load_plugins` (see there for the order and the checks)."""
     pm = pluggy.PluginManager(PROJECT)
-    pm.add_hookspecs(lifecycle)
-    # Historic: every plugin registered from now on adds its specs as it arrives.
-    pm.hook.agent_addhooks.call_historic(kwargs={"pluginmanager": pm})
-    for name in blocked:
-        pm.set_blocked(name)
-    loaded: list[LoadedPlugin] = []
-    for ep in entry_points(group=PROJECT):
-        dist = ep.dist.name if ep.dist else "?"
-        dist_version = ep.dist.version if ep.dist else "?"
-        if pm.is_blocked(ep.name):
-            loaded.append(LoadedPlugin(ep.name, dist, dist_version, "blocked"))
-            continue
-        if pm.get_plugin(ep.name) is not None:
-            continue
-        try:
-            pm.register(ep.load(), name=ep.name)
-        except Exception as exc:
-            log.error("plugin %s (%s %s) not loaded: %s", ep.name, dist, dist_version, exc)
-            loaded.append(LoadedPlugin(ep.name, dist, dist_version, f"{type(exc).__name__}: {exc}"))
-            continue
-        loaded.append(LoadedPlugin(ep.name, dist, dist_version))
-    for module in modules:
-        if pm.is_blocked(module) or pm.get_plugin(module) is not None:
-            continue
-        try:
-            pm.register(importlib.import_module(module), name=module)
-        except Exception as exc:
-            log.error("plugin module %s not loaded: %s", module, exc)
-            loaded.append(LoadedPlugin(module, "(module)", "", f"{type(exc).__name__}: {exc}"))
-            continue
-        loaded.append(LoadedPlugin(module, "(module)", ""))
-    for name, plugin in plugins:
-        pm.register(plugin, name=name)
-    _drop_invalid(pm, loaded)
-    for plugin in loaded:
-        if not plugin.error:
-            log.info(
-                "plugin %s loaded from %s %s", plugin.name, plugin.distribution, plugin.version
+    return pm, load_plugins(pm, blocked, plugins, modules, installed)
+
+
+def configure_plugins(agent: lifecycle.Agent) -> None:
+    """``agent_configure`` for every plugin: each reads and checks its own table.
+
+    The same call on every path that runs hooks (``run``, each command-line
+    step); a ConfigError propagates (one line, exit 2). A plugin that raises
+    anything else cannot be configured, so its gates could not be trusted: that
+    is a ConfigError too, naming the plugin.
+    """
+    pm = agent.pluginmanager
+    try:
+        pm.hook.agent_configure(agent=agent)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        name = _raised_in(pm, exc) or "?"
+        raise ConfigError(
+            one_line(
+                f"config error: plugin {name}: agent_configure raised {type(exc).__name__}: {exc}"
             )
-    return pm, loaded
+        ) from exc
 
 
-def _drop_invalid(pm: pluggy.PluginManager, loaded: list[LoadedPlugin]) -> None:
-    """Unregister plugins that implement hooks nobody declared (typos), instead of failing."""
-    for name, hook in list(pm.hook.__dict__.items()):
-        if not isinstance(hook, pluggy.HookCaller) or hook.spec is not None:
-            continue
-        for impl in hook.get_hookimpls():
-            if impl.optionalhook:
-                continue
-            plugin_name = pm.get_name(impl.plugin) or "?"
-            log.error("plugin %s implements unknown hook %s; not loaded", plugin_name, name)
-            pm.unregister(impl.plugin)
-            for i, entry in enumerate(loaded):
-                if entry.name == plugin_name:
-                    loaded[i] = LoadedPlugin(
-                        entry.name, entry.distribution, entry.version, f"unknown hook {name}"
-                    )
-    pm.check_pending()
+def _raised_in(pm: pluggy.PluginManager, exc: BaseException) -> str:
+    """The plugin whose ``agent_configure`` implementation ``exc`` went through ("" if none)."""
+    codes = {
+        getattr(impl.function, "__code__", None): pm.get_name(impl.plugin) or impl.plugin_name
+        for impl in pm.hook.agent_configure.get_hookimpls()
+    }
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in codes:
+            return codes[tb.tb_frame.f_code]
+        tb = tb.tb_next
+    return ""
+
+
+def configure_each(agent: lifecycle.Agent) -> dict[str, str]:
+    """``agent_configure`` plugin by plugin: why each one's configuration fails, by name."""
+    pm = agent.pluginmanager
+    failures: dict[str, str] = {}
+    for impl in pm.hook.agent_configure.get_hookimpls():
+        name = pm.get_name(impl.plugin) or impl.plugin_name
+        others = [p for p in pm.get_plugins() if p is not impl.plugin]
+        try:
+            pm.subset_hook_caller("agent_configure", remove_plugins=others)(agent=agent)
+        except Exception as exc:
+            failure = f"agent_configure raised {type(exc).__name__}: {exc}"
+            failures[name] = one_line(str(exc) if isinstance(exc, ConfigError) else failure)
+    return failures
+
+
+class StepHost:
+    """The host of one command-line step (``check``, ``download``, ``install``).
+
+    Plugins are loaded, checked and configured exactly as ``run`` does, so a
+    plugin's own table (a maintenance window, a health check) applies here too;
+    no plugin is started (a step starts no long-lived work) and the bus is not
+    connected (statuses go to the terminal).
+    """
+
+    def __init__(self, config_path: Path, pm: pluggy.PluginManager) -> None:
+        self.config_path = config_path
+        self.pluginmanager = pm
+        self.bus = Bus()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def configure(self) -> None:
+        configure_plugins(self)
 
 
 class ReferenceAgent:
@@ -187,7 +192,7 @@ class ReferenceAgent:
 
     def configure(self) -> None:
         """Let every plugin read its configuration; ConfigError propagates."""
-        self.pluginmanager.hook.agent_configure(agent=self)
+        configure_plugins(self)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -88,6 +88,14 @@ class Bus:
         if self.connected:
             await self._subscribe(subject)
 
+    async def request(self, subject: str, payload: bytes, timeout: float) -> bytes:
+        """Send a request and return the reply's body; ConnectionError while disconnected."""
+        if not self.connected:
+            raise ConnectionError("not connected to NATS")
+        assert self._nc is not None
+        reply = await self._nc.request(subject, payload, timeout=timeout)
+        return reply.data
+
     async def flush(self, timeout: int = 2) -> None:
         if self.connected:
             assert self._nc is not None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from connhex_edge_ota import __version__
-from connhex_edge_ota.agent import host_plugin_manager, run_agent
+from connhex_edge_ota.agent import StepHost, configure_each, host_plugin_manager, run_agent
 from connhex_edge_ota.archive import ArchiveError, Limits
 from connhex_edge_ota.config import ConfigError, OtaSettings, load_settings, named_config
 from connhex_edge_ota.console import Console, interruptible, print_result, status_line, wants_json
@@ -235,7 +235,9 @@ def _step(args: argparse.Namespace) -> int:
     settings = load_settings(path)
     settings.require_server()
     _check_store(settings)
+    # The lifecycle of `run`: plugins loaded and checked, each configured from its table.
     pm, _ = host_plugin_manager(path)
+    StepHost(path, pm).configure()
     store = Store(settings.store_dir)
     try:
         store.lock()
@@ -269,6 +271,7 @@ def _step(args: argparse.Namespace) -> int:
         if result.note:
             reply["note"] = result.note
         print_result(reply, wants_json(args.json), note=result.note)
+        await service.drain_hooks()  # status plugins get the last status (within hook_timeout)
         return EXIT_OK if result.ok else EXIT_FAILED
 
     try:
@@ -311,11 +314,17 @@ def _forward(verb: str, nats_url: str, busy: str, as_json: bool) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    _pm, loaded = host_plugin_manager(named_config(args.config))
+    """One line per plugin; exit 1 when any was refused, failed to import or has a bad table."""
+    path = named_config(args.config)
+    logging.getLogger("connhex_edge_ota.loading").setLevel(logging.CRITICAL)  # listed below
+    pm, loaded = host_plugin_manager(path)
+    bad_tables = configure_each(StepHost(path, pm))
+    failed = False
     for plugin in loaded:
-        state = plugin.error or "loaded"
+        state = plugin.error or bad_tables.get(plugin.name, "") or "loaded"
+        failed = failed or plugin.failed or plugin.name in bad_tables
         print(f"{plugin.name}\t{plugin.distribution} {plugin.version}\t{state}")
-    return EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _pack(args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from connhex_edge_ota.bus import Bus, Handler
+from connhex_edge_ota.bus import Handler
+from connhex_edge_ota.lifecycle import MessageBus
 from connhex_edge_ota.loop import UpdateLoop
 
 COMMAND_PREFIX = "commands.ota."
@@ -29,7 +30,7 @@ def _reply(loop: UpdateLoop, ok: bool, error: str = "", **extra: object) -> byte
     return json.dumps(body).encode()
 
 
-async def serve(bus: Bus, loop: UpdateLoop) -> None:
+async def serve(bus: MessageBus, loop: UpdateLoop) -> None:
     """Answer the four command subjects on ``bus`` for the service ``loop`` runs."""
     for verb in VERBS:
         await bus.serve(subject(verb), _handler(loop, verb))

@@ -1,8 +1,12 @@
 """The OTA hooks: the contract between the update loop and other plugins.
 
 Every hook is synchronous and called with keyword arguments. The service calls
-them off the event loop (in a worker thread) with a per-hook time limit
-(``hook_timeout``), so a slow plugin never freezes heartbeats or commands.
+them off the event loop, each plugin in its own bounded worker
+(:mod:`connhex_edge_ota.hooks`), with a per-call time limit (``hook_timeout``),
+so a slow plugin never freezes heartbeats or commands. A plugin with an
+``async def`` hook or a wrapper (``wrapper=True``/``hookwrapper=True``) on an
+OTA hook is refused at load, by name: each plugin is asked on its own, so a
+wrapper would wrap nothing.
 
 Every plugin is asked, in no meaningful order: a veto from any one of them wins.
 A hook that raises, or does not answer within ``hook_timeout``, counts as a veto
@@ -31,11 +35,15 @@ if TYPE_CHECKING:
 def ota_pre_download(release: Release) -> str | None:
     """Fires once before a download of ``release`` starts (or resumes).
 
-    ``release.path`` is where the zip will be written; ``release.workdir`` is
-    ``None``. Return ``None`` to allow the download. Return a non-empty string
-    to veto it: the string is the reason, the download is deferred to the next
+    Every plugin is asked; any veto wins. The download is deferred to the next
     check, the status becomes ``update_available`` and ``error`` reads
-    ``"<plugin>: <reason>"``. Raising or timing out counts as a veto.
+    ``download vetoed by <plugin>: <reason>`` (several vetoes joined by ``"; "``).
+
+    :param release: the offered release; ``release.path`` is where the zip will
+        be written, ``release.workdir`` is ``None``.
+    :return: ``None`` to allow the download; a non-empty string to veto it (the
+        reason). Raising, not answering within ``hook_timeout`` or returning
+        anything else counts as a veto.
     """
 
 
@@ -43,11 +51,16 @@ def ota_pre_download(release: Release) -> str | None:
 def ota_pre_install(release: Release) -> str | None:
     """Fires before ``update.sh`` of ``release`` runs, after the download is verified.
 
-    Return ``None`` to allow the install. Return a string to veto it: nothing
-    is unpacked or run, the install is deferred to the next check, the status
-    stays ``update_ready`` and ``error`` reads ``"<plugin>: <reason>"``. An
-    operator's explicit install (``commands.ota.install``) asks this hook too.
-    Raising or timing out counts as a veto.
+    Every plugin is asked; any veto wins. On a veto nothing is unpacked or run,
+    the install is deferred to the next check, the status stays
+    ``update_ready`` and ``error`` reads ``install vetoed by <plugin>: <reason>``.
+    An operator's explicit install (``commands.ota.install`` or
+    ``connhex-edge-ota install``) asks this hook too, after ``agent_configure``.
+
+    :param release: the downloaded, verified release; ``release.path`` is the zip.
+    :return: ``None`` to allow the install; a non-empty string to veto it (the
+        reason). Raising, not answering within ``hook_timeout`` or returning
+        anything else counts as a veto.
     """
 
 
@@ -55,20 +68,32 @@ def ota_pre_install(release: Release) -> str | None:
 def ota_post_install(release: Release) -> str | None:
     """Fires after ``update.sh`` succeeded (exit 0 or 10), before the new version is recorded.
 
-    ``release.workdir`` is the unpacked release. This is the health gate:
-    return ``None`` when the device is healthy. Return a string to fail the
-    update: ``rollback.sh`` runs when the release has one, the current version
-    stays, the status becomes ``update_failed`` and ``error`` reads
-    ``"<plugin>: <reason>"``. Raising or timing out counts as a failed check.
+    This is the health gate; every plugin is asked. On a failure ``rollback.sh``
+    runs when the release has one, the current version stays, the status
+    becomes ``update_failed`` and ``error`` reads
+    ``health check failed: <plugin>: <reason>`` (then ``; rolled back`` when a
+    ``rollback.sh`` ran).
+
+    :param release: the installed release; ``release.workdir`` is the unpacked folder.
+    :return: ``None`` when the device is healthy; a non-empty string to fail the
+        update (the reason). Raising, not answering within ``hook_timeout`` or
+        returning anything else counts as a failed check.
     """
 
 
 @hookspec
 def ota_on_status(status: Status) -> None:
-    """Fires on every status change and on every heartbeat.
+    """Fires on every status change and on every heartbeat; use it to forward statuses.
 
-    ``status`` carries the five payload fields as attributes. The return value
-    is ignored; an exception is logged and ignored. Use it to forward statuses.
+    Delivered to each plugin in order, from the plugin's own worker thread:
+    a slow plugin never delays the update nor another plugin; when it falls
+    behind, its oldest waiting statuses are dropped (the newest always
+    arrives). At shutdown the last status is delivered, or abandoned after
+    ``hook_timeout``.
+
+    :param status: the five payload fields as attributes, and ``status.at``,
+        the time it was reported (Unix time).
+    :return: ignored; an exception is logged and ignored.
     """
 
 
@@ -76,7 +101,11 @@ def ota_on_status(status: Status) -> None:
 def ota_on_progress(release: Release, downloaded: int, total: int) -> None:
     """Fires during a download, at most ``progress_rate`` times a second, and once at the end.
 
-    ``downloaded`` counts the bytes on disk (a resumed download starts above
-    zero); ``total`` is the release size. The return value is ignored; an
-    exception is logged and ignored.
+    Never awaited: an event a slow plugin has not taken yet is replaced by the
+    newest, so the last one (``downloaded == total``) always arrives.
+
+    :param release: the release being downloaded.
+    :param downloaded: bytes on disk (a resumed download starts above zero).
+    :param total: the release size in bytes.
+    :return: ignored; an exception is logged and ignored.
     """

@@ -1,9 +1,11 @@
 """The agent's lifecycle hooks: how a pluggy-based host starts and stops its plugins.
 
-Any host that embeds the addon declares these specs (or uses
-:func:`connhex_edge_ota.agent.plugin_manager`) and calls them in this order:
+Any host that embeds the addon gets these specs from
+:func:`connhex_edge_ota.loading.load_plugins` (its own ``PluginManager``, any
+project name) and calls them in this order:
 
-1. ``agent_addhooks(pluginmanager=pm)`` (historic): plugins add their own specs;
+1. ``agent_addhooks(pluginmanager=pm)``: plugins add their own specs (``load_plugins``
+   calls it, before it checks and registers the plugins);
 2. ``agent_configure(agent=agent)``: plugins read their tables of ``agent.toml``;
 3. ``agent_start(agent=agent)``: from inside the running event loop;
 4. ``agent_stop(agent=agent)``: on shutdown, from inside the event loop;
@@ -14,7 +16,7 @@ Any host that embeds the addon declares these specs (or uses
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,7 +27,27 @@ if TYPE_CHECKING:
 
     import pluggy
 
-    from connhex_edge_ota.bus import Bus
+
+class MessageBus(Protocol):
+    """What the addon needs of the host's bus; :class:`connhex_edge_ota.bus.Bus` is one.
+
+    A host may pass its own NATS wrapper: nothing in the update loop may wait
+    on the bus, so ``publish`` drops what it cannot send while disconnected
+    (statuses are republished by the next heartbeat), and ``serve`` must
+    accept handlers before the first connection exists.
+    """
+
+    async def publish(self, subject: str, payload: bytes) -> object:
+        """Publish ``payload`` on ``subject``; the result is ignored."""
+        ...
+
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        """Answer requests on ``subject``: ``handler`` takes the body, returns the reply."""
+        ...
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> bytes:
+        """Send a request and return the reply's body; raises when none comes in ``timeout``."""
+        ...
 
 
 class Agent(Protocol):
@@ -34,8 +56,11 @@ class Agent(Protocol):
     config_path: Path
     """The agent's ``agent.toml``; it may not exist."""
     pluginmanager: pluggy.PluginManager
-    bus: Bus
-    """The agent's NATS bus (publish, subscribe, request/reply)."""
+
+    @property
+    def bus(self) -> MessageBus:
+        """The agent's NATS bus (publish, serve, request); any :class:`MessageBus`."""
+        ...
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run ``coro`` as a task the host owns, awaits on stop and logs if it fails."""
@@ -44,15 +69,29 @@ class Agent(Protocol):
 
 @hookspec(historic=True)
 def agent_addhooks(pluginmanager: pluggy.PluginManager) -> None:
-    """Called once per plugin at registration: add specs with ``pluginmanager.add_hookspecs``."""
+    """Called once per plugin, before it is checked and registered: add specs here.
+
+    :func:`connhex_edge_ota.loading.load_plugins` calls it for every plugin it
+    loads before checking any, so a plugin may implement hooks that another
+    plugin declares, whatever the loading order.
+
+    :param pluginmanager: the host's manager; call ``pluginmanager.add_hookspecs(module)``.
+    """
 
 
 @hookspec
 def agent_configure(agent: Agent) -> None:
-    """Called once before the event loop work starts: read and check configuration.
+    """Called before any hook, on every path: ``run``, each command-line step, ``plugins``.
 
-    Raise :class:`connhex_edge_ota.config.ConfigError` for a bad configuration;
-    the reference host prints its one-line message and exits with code 2.
+    Read and check the plugin's own table here (``config.plugin_table`` and
+    ``config.load_table``), so it applies wherever an update can happen. Take no
+    lock and start no work: a one-shot command-line step configures plugins
+    while the service may hold the store, and ``plugins`` configures each
+    plugin on its own to find bad tables.
+
+    :param agent: the host (:class:`Agent`); ``agent.config_path`` is its ``agent.toml``.
+    :raises connhex_edge_ota.config.ConfigError: for a bad configuration; the
+        reference host prints its one-line message and exits with code 2.
     """
 
 

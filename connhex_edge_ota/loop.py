@@ -4,7 +4,6 @@ steps queued in between and heartbeats throughout."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -62,7 +61,6 @@ class UpdateLoop:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set: recover, then check on schedule and run queued steps."""
-        hooks = asyncio.create_task(self.service.deliver_status_hooks(), name="ota-status-hooks")
         beats = asyncio.create_task(self._heartbeats(stop), name="ota-heartbeat")
         worker = asyncio.create_task(self._work(), name="ota-loop")
         try:
@@ -72,12 +70,10 @@ class UpdateLoop:
             for task in (worker, beats):
                 task.cancel()
             await asyncio.gather(worker, beats, return_exceptions=True)
-            # Give status hooks a moment to see the last status, then stop them.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.service.status_hooks_idle(), 1.0)
-            hooks.cancel()
-            await asyncio.gather(hooks, return_exceptions=True)
-            self.service.close()
+            try:  # plugins see the last status (or are abandoned after hook_timeout)
+                await self.service.drain_hooks()
+            finally:
+                self.service.close()
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -58,7 +58,6 @@ def agent_start(agent: Agent) -> None:
         await agent.bus.publish(HEARTBEAT_SUBJECT, status.to_json())
 
     async def restart(reason: str) -> None:
-        await agent.bus.flush()
         handled = agent.pluginmanager.hook.agent_restart(agent=agent, reason=reason)
         if not handled:
             log.warning("restart requested (%s) but the host cannot restart", reason)

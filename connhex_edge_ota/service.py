@@ -8,7 +8,6 @@ flowing meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -18,9 +17,10 @@ from dataclasses import dataclass
 import pluggy
 
 from connhex_edge_ota import killpoints
-from connhex_edge_ota.calls import in_thread, notify, vetoes
+from connhex_edge_ota.calls import in_thread
 from connhex_edge_ota.client import ReleaseChanged, Server, ServerError
 from connhex_edge_ota.config import OtaSettings
+from connhex_edge_ota.hooks import Hooks
 from connhex_edge_ota.installer import Installer, Outcome
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.state import Journal, Partial, Phase, State
@@ -79,7 +79,7 @@ class OtaService:
         self.on_restart = on_restart
         self.progress_printer = progress_printer
         self._cancel = threading.Event()
-        self._hook_queue: asyncio.Queue[Status] = asyncio.Queue(maxsize=100)
+        self.hooks = Hooks(pm, settings.hook_timeout)
         self._notice = ""
         """Something to report once, with the first status (e.g. a corrupt state.json)."""
 
@@ -116,21 +116,19 @@ class OtaService:
                 await reporter(status)
             except Exception:
                 log.exception("status reporter failed")
-        with contextlib.suppress(asyncio.QueueFull):  # a stuck plugin loses heartbeats, not us
-            self._hook_queue.put_nowait(status)
+        self.hooks.status(status)  # queued: a slow plugin never delays a step
 
     async def heartbeat(self) -> None:
         await self._publish(self.status())
 
-    async def deliver_status_hooks(self) -> None:
-        """Call ``ota_on_status`` for each status, in order, until cancelled."""
-        while True:
-            status = await self._hook_queue.get()
-            await notify(self.pm, "ota_on_status", self.settings.hook_timeout, status=status)
-
-    async def status_hooks_idle(self) -> None:
-        while not self._hook_queue.empty():
-            await asyncio.sleep(0.05)
+    async def drain_hooks(self) -> None:
+        """On shutdown: plugins get up to ``hook_timeout`` to take the statuses queued so far
+        (the last one included); what is left then is abandoned."""
+        try:
+            if not await self.hooks.drain():
+                log.warning("status hooks still busy after %gs; abandoned", self.hooks.timeout)
+        finally:
+            self.hooks.close()
 
     def cancel_transfer(self) -> None:
         """Make a running download stop at its next chunk (it resumes later)."""
@@ -250,9 +248,7 @@ class OtaService:
             return Result(False, "no update to download")
         if self.state.ready:
             return Result(True, note=f"{release.version} is downloaded and verified")
-        found = await vetoes(
-            self.pm, "ota_pre_download", self.settings.hook_timeout, release=release
-        )
+        found = await self.hooks.veto_download(release)
         if found:
             error = "download vetoed by " + "; ".join(found)
             await self._report(StatusName.UPDATE_AVAILABLE, error)
@@ -286,7 +282,7 @@ class OtaService:
             transfer.fetched,
             release.size,
         )
-        await self._notify_progress(release, transfer.fetched, transfer.total)
+        self._notify_progress(release, transfer.fetched, transfer.total)
         await self._report(StatusName.UPDATE_READY)
         return Result(True)
 
@@ -310,25 +306,16 @@ class OtaService:
             now = time.monotonic()
             if now - last[0] >= period:
                 last[0] = now
-                loop.call_soon_threadsafe(
-                    lambda: asyncio.ensure_future(self._notify_progress(release, downloaded, total))
-                )
+                loop.call_soon_threadsafe(self._notify_progress, release, downloaded, total)
 
         return sink
 
-    async def _notify_progress(self, release: Release, downloaded: int, total: int) -> None:
+    def _notify_progress(self, release: Release, downloaded: int, total: int) -> None:
         """``ota_on_progress``: bytes fetched of the bytes this download fetches (a delta
-        fetches less than the release's size; the totals say so)."""
+        fetches less than the release's size; the totals say so). Queued, never awaited."""
         if self.progress_printer is not None:
             self.progress_printer(downloaded, total)
-        await notify(
-            self.pm,
-            "ota_on_progress",
-            self.settings.hook_timeout,
-            release=release,
-            downloaded=downloaded,
-            total=total,
-        )
+        self.hooks.progress(release, downloaded, total)
 
     async def install(self, operator: bool = False) -> Result:
         """Install the offered release; an operator's install checks and downloads first."""
@@ -350,9 +337,7 @@ class OtaService:
             fetched = await self._download(operator=False)
             if not fetched:
                 return fetched
-        found = await vetoes(
-            self.pm, "ota_pre_install", self.settings.hook_timeout, release=release
-        )
+        found = await self.hooks.veto_install(release)
         if found:
             error = "install vetoed by " + "; ".join(found)
             await self._report(StatusName.UPDATE_READY, error)
@@ -376,9 +361,7 @@ class OtaService:
         return checked
 
     async def _health(self, release: Release) -> list[str]:
-        return await vetoes(
-            self.pm, "ota_post_install", self.settings.hook_timeout, release=release
-        )
+        return await self.hooks.health(release)
 
     async def _finish(self, release: Release, outcome: Outcome) -> Result:
         killpoints.reached("install_finishing")

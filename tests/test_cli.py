@@ -71,9 +71,12 @@ def test_serve_speaks_the_api_from_a_folder(
 
 def test_plugins_lists_distributions_and_errors(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
-    config.write_text("[agent]\nblocked_plugins = ['status-forwarder']\n")
+    config.write_text(
+        "[ota]\nserver_url = 'http://127.0.0.1:1'\ninit_id = 'x'\n"
+        "[agent]\nblocked_plugins = ['status-forwarder']\n"
+    )
     result = cli("plugins", "--config", str(config))
-    assert result.returncode == 0
+    assert result.returncode == 1  # dummy-broken failed to import
     rows = {line.split("\t")[0]: line.split("\t")[1:] for line in result.stdout.splitlines()}
     assert rows["ota"][1] == "loaded" and rows["ota"][0].startswith("connhex-edge-ota ")
     assert rows["dummy-broken"][1].startswith("ImportError")

@@ -29,7 +29,9 @@ def test_full_cycle_installs_and_reports_every_step(
     out = tmp_path / "installed.txt"
     release = make_release("1.2.3", update_sh=MARKER_UPDATE.format(out=out))
     release_server.releases.publish(release)
-    agent = ota_agent(auto_install=True, env={"CONNHEX_DUMMY_LOG": str(dummy_log)})
+    agent = ota_agent(
+        auto_install=True, plugins=["dummy-veto"], env={"CONNHEX_DUMMY_LOG": str(dummy_log)}
+    )
 
     done = statuses.wait_updated("1.2.3")
 
@@ -104,7 +106,11 @@ def test_installed_plugin_vetoes_install_and_is_named(
     statuses: StatusWatcher,
 ) -> None:
     release_server.releases.publish(make_release("3.0.0"))
-    agent = ota_agent(auto_install=True, env={"CONNHEX_DUMMY_VETO_INSTALL": "not during a shift"})
+    agent = ota_agent(
+        auto_install=True,
+        plugins=["dummy-veto"],
+        env={"CONNHEX_DUMMY_VETO_INSTALL": "not during a shift"},
+    )
     vetoed = statuses.wait_for(lambda s: s.status == "update_ready" and s.error != "")
     assert vetoed.error == "install vetoed by dummy-veto: not during a shift"
     assert vetoed.current_version == "1.0.0"
@@ -120,6 +126,7 @@ def test_blocked_plugin_cannot_veto(
     release_server.releases.publish(make_release("3.0.1"))
     ota_agent(
         auto_install=True,
+        all_plugins=True,
         extra_tables={"agent": {"blocked_plugins": ["dummy-veto"]}},
         env={"CONNHEX_DUMMY_VETO_INSTALL": "no"},
     )
@@ -162,6 +169,7 @@ def test_broken_and_slow_plugins_do_not_stop_an_update(
         auto_install=True,
         hook_timeout="500ms",
         heartbeat_interval="200ms",
+        plugins=["dummy-veto"],
         env={
             "CONNHEX_DUMMY_SLEEP": "30",
             "CONNHEX_DUMMY_SLEEP_HOOKS": "ota_on_status,ota_on_progress",
@@ -180,6 +188,7 @@ def test_broken_and_slow_plugins_do_not_stop_an_update(
         auto_install=True,
         hook_timeout="500ms",
         heartbeat_interval="200ms",
+        plugins=["dummy-veto"],
         env={
             "CONNHEX_DUMMY_SLEEP": "30",
             "CONNHEX_DUMMY_SLEEP_HOOKS": "ota_on_status,ota_on_progress",
@@ -204,6 +213,7 @@ def test_slow_pre_install_counts_as_a_veto(
     ota_agent(
         auto_install=True,
         hook_timeout="300ms",
+        plugins=["dummy-veto"],
         env={"CONNHEX_DUMMY_SLEEP": "30", "CONNHEX_DUMMY_SLEEP_HOOKS": "ota_pre_install"},
     )
     vetoed = statuses.wait_for(lambda s: s.status == "update_ready" and s.error != "")
@@ -217,7 +227,11 @@ def test_download_veto_defers_to_the_next_check(
     statuses: StatusWatcher,
 ) -> None:
     release_server.releases.publish(make_release("5.2.0"))
-    ota_agent(auto_download=True, env={"CONNHEX_DUMMY_VETO_DOWNLOAD": "metered link"})
+    ota_agent(
+        auto_download=True,
+        plugins=["dummy-veto"],
+        env={"CONNHEX_DUMMY_VETO_DOWNLOAD": "metered link"},
+    )
     vetoed = statuses.wait_for(lambda s: s.status == "update_available" and s.error != "")
     assert vetoed.error == "download vetoed by dummy-veto: metered link"
     assert not any(r.method == "GET" for r in release_server.releases.requests)

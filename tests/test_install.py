@@ -116,6 +116,7 @@ def test_failing_health_gate_rolls_back_and_names_the_plugin(
     release_server.releases.publish(make_release("4.0.0", rollback_sh=f'touch "{rolled}"\n'))
     ota_agent(
         auto_install=True,
+        plugins=["dummy-veto"],
         env={"CONNHEX_DUMMY_UNHEALTHY": "service x is down", "CONNHEX_DUMMY_LOG": str(dummy_log)},
     )
     failed = statuses.wait_status("update_failed")

@@ -158,7 +158,9 @@ def test_failed_install_and_veto_are_logged(
     )
     agent.stop()
     mark = statuses.mark()
-    vetoing = ota_agent(auto_install=True, env={"CONNHEX_DUMMY_VETO_INSTALL": "busy"})
+    vetoing = ota_agent(
+        auto_install=True, plugins=["dummy-veto"], env={"CONNHEX_DUMMY_VETO_INSTALL": "busy"}
+    )
     statuses.wait_status("update_failed", after=mark)  # 4.0.0 is not retried by itself
     statuses.request("install")
     vetoed = statuses.wait_for(lambda s: "vetoed" in s.error, after=mark)

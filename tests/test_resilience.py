@@ -271,7 +271,7 @@ def test_progress_hook_rate_is_bounded_and_cli_prints_plain_lines(
     release = payload_release(make_release, "8.0.0", 4 * MIB)
     release_server.releases.publish(release)
     release_server.faults.rate = 4 * MIB  # about one second
-    agent = ota_agent()
+    agent = ota_agent(plugins=["dummy-veto"])
     agent.stop()
     started = time.monotonic()
     result = subprocess.run(

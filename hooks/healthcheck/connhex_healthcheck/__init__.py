@@ -8,6 +8,11 @@ Configured from the ``[healthcheck]`` table of ``agent.toml``::
     retries = 3          # attempts before the update is failed
     interval = "2s"      # wait between attempts
     timeout = "5s"       # limit for each command and each probe
+    env = ["MY_APP_URL"] # agent environment variables the commands may see
+
+Commands run with a minimal environment: ``PATH``, ``HOME``, ``LANG``,
+``CHX_OTA_VERSION_TARGET`` and the variables ``env`` names, never the rest of
+the agent's environment (``CONNHEX_OTA_INIT_KEY`` and other secrets).
 
 Keep ``retries * (interval + timeout)`` below the addon's ``hook_timeout``.
 """
@@ -40,15 +45,34 @@ class HealthcheckConfig(BaseModel):
     retries: int = Field(default=3, ge=1)
     interval: Duration = 2.0
     timeout: Duration = 5.0
+    env: list[str] = Field(default_factory=list)
+    """Names of agent environment variables passed on to the commands."""
 
 
 def load_config(table: dict[str, Any]) -> HealthcheckConfig:
     return load_table(HealthcheckConfig, TABLE, table)
 
 
-def run_command(command: str, timeout: float, release: Release) -> str:
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def command_env(release: Release, passed: list[str]) -> dict[str, str]:
+    """The environment of a check command: the basics and the names ``passed``, nothing else."""
+    env = {
+        "PATH": os.environ.get("PATH", DEFAULT_PATH),
+        "HOME": os.environ.get("HOME", "/"),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+    }
+    env.update({name: os.environ[name] for name in passed if name in os.environ})
+    env["CHX_OTA_VERSION_TARGET"] = release.version
+    return env
+
+
+def run_command(
+    command: str, timeout: float, release: Release, passed: list[str] | None = None
+) -> str:
     """ "" when ``command`` exits 0 within ``timeout``; else why not."""
-    env = {**os.environ, "CHX_OTA_VERSION_TARGET": release.version}
+    env = command_env(release, passed or [])
     try:
         result = subprocess.run(
             ["sh", "-c", command], capture_output=True, timeout=timeout, env=env, check=False
@@ -83,7 +107,10 @@ class Healthcheck:
         self.config = load_config(plugin_table(agent.config_path, TABLE))
 
     def failures(self, release: Release) -> list[str]:
-        found = [run_command(c, self.config.timeout, release) for c in self.config.commands]
+        found = [
+            run_command(c, self.config.timeout, release, self.config.env)
+            for c in self.config.commands
+        ]
         found += [probe(u, self.config.timeout) for u in self.config.urls]
         return [f for f in found if f]
 

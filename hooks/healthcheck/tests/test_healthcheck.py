@@ -55,6 +55,7 @@ def test_failing_probe_rolls_back(
     release_server.releases.publish(make_release("2.0.0", rollback_sh=f'touch "{rolled}"\n'))
     ota_agent(
         auto_install=True,
+        plugins=["healthcheck"],
         extra_tables={
             "healthcheck": {
                 "urls": [health.url],
@@ -82,6 +83,7 @@ def test_passing_checks_let_the_update_through(
     release_server.releases.publish(make_release("2.0.1"))
     ota_agent(
         auto_install=True,
+        plugins=["healthcheck"],
         extra_tables={
             "healthcheck": {
                 "urls": [health.url],
@@ -101,6 +103,7 @@ def test_failing_command_is_named_with_its_last_line(
     release_server.releases.publish(make_release("2.0.2"))
     ota_agent(
         auto_install=True,
+        plugins=["healthcheck"],
         extra_tables={
             "healthcheck": {"commands": ["echo 'db not ready' >&2; exit 4"], "retries": 1}
         },
@@ -113,3 +116,26 @@ def test_bad_config_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"\[healthcheck\] retries"):
         load_config({"retries": 0})
     assert load_config({"interval": "1m"}).interval == 60.0
+
+
+def test_commands_see_a_minimal_environment_never_the_agents_secrets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from connhex_healthcheck import run_command
+
+    from connhex_edge_ota.release import Release
+
+    monkeypatch.setenv("CONNHEX_OTA_INIT_KEY", "s3cret")
+    monkeypatch.setenv("MY_APP_URL", "http://127.0.0.1:9/health")
+    seen = tmp_path / "env.txt"
+    release = Release(version="2.0.0", size=1, digest="")
+    assert run_command(f"env > {seen}", 5.0, release, ["MY_APP_URL"]) == ""
+    names = {line.split("=", 1)[0] for line in seen.read_text().splitlines()}
+    assert "CONNHEX_OTA_INIT_KEY" not in names
+    assert {"PATH", "HOME", "LANG", "MY_APP_URL", "CHX_OTA_VERSION_TARGET"} <= names
+    assert names - {"PATH", "HOME", "LANG", "MY_APP_URL", "CHX_OTA_VERSION_TARGET"} <= {
+        "PWD",  # set by sh itself
+        "SHLVL",
+        "_",
+    }
+    assert run_command('test -z "$CONNHEX_OTA_INIT_KEY"', 5.0, release) == ""

@@ -82,6 +82,7 @@ def test_install_deferred_outside_the_window_then_done_inside(
     release_server.releases.publish(make_release("2.0.0"))
     ota_agent(
         auto_install=True,
+        plugins=["maintenance-window"],
         check_interval="1s",
         extra_tables={"maintenance_window": {"windows": [window], "timezone": "Europe/Rome"}},
     )

@@ -7,27 +7,30 @@ Configured from the ``[status_forwarder]`` table of ``agent.toml``::
     format = "senml"            # or "json" (the five-key payload)
     file = "/var/log/connhex/ota-status.jsonl"   # optional
     only_changes = true         # skip heartbeats that repeat the last status
-    name = "ota"                # SenML base name prefix
+    name = "ota"                # SenML base name prefix (RFC 8428 name characters)
+
+Each SenML pack carries the time of the status (``bt``), not of its forwarding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
-import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from connhex_edge_ota import hookimpl
-from connhex_edge_ota.bus import Bus
 from connhex_edge_ota.config import load_table, plugin_table
-from connhex_edge_ota.lifecycle import Agent
+from connhex_edge_ota.lifecycle import Agent, MessageBus
 from connhex_edge_ota.status import Status
 
 TABLE = "status_forwarder"
+SENML_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-:./_]*")
+"""RFC 8428 section 4.5.1: a name starts with a letter or digit; then also - : . / _"""
 PUBLISH_TIMEOUT = 5.0
 
 
@@ -39,6 +42,16 @@ class ForwarderConfig(BaseModel):
     file: Path | None = None
     only_changes: bool = True
     name: str = "ota"
+
+    @field_validator("name")
+    @classmethod
+    def _senml_name(cls, value: str) -> str:
+        if not SENML_NAME.fullmatch(value):
+            raise ValueError(
+                "must be a SenML name (RFC 8428): a letter or digit first, then letters, "
+                "digits and - : . / _"
+            )
+        return value
 
 
 def load_config(table: dict[str, Any]) -> ForwarderConfig:
@@ -59,7 +72,7 @@ def senml(status: Status, name: str, now: float) -> list[dict[str, Any]]:
 class StatusForwarder:
     def __init__(self) -> None:
         self.config = ForwarderConfig()
-        self._bus: Bus | None = None
+        self._bus: MessageBus | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last: Status | None = None
         self._lock = threading.Lock()
@@ -76,7 +89,7 @@ class StatusForwarder:
     def encode(self, status: Status) -> bytes:
         if self.config.format == "json":
             return json.dumps(status.payload()).encode()
-        return json.dumps(senml(status, self.config.name, time.time())).encode()
+        return json.dumps(senml(status, self.config.name, status.at)).encode()
 
     @hookimpl
     def ota_on_status(self, status: Status) -> None:

@@ -32,6 +32,7 @@ def test_statuses_are_forwarded_as_senml_and_to_a_file(
         release_server.releases.publish(make_release("2.0.0"))
         ota_agent(
             auto_install=True,
+            plugins=["status-forwarder"],
             extra_tables={"status_forwarder": {"subject": "events.data", "file": str(lines)}},
         )
         statuses.wait_updated("2.0.0")
@@ -70,3 +71,23 @@ def test_senml_pack_shape() -> None:
 def test_bad_config_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"\[status_forwarder\] format"):
         load_config({"format": "xml"})
+
+
+@pytest.mark.parametrize("name", ["", ":ota", "ota device", "-ota", "ota\u00e9"])
+def test_name_must_be_a_senml_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[status_forwarder\] name = .*RFC 8428"):
+        load_config({"name": name})
+
+
+@pytest.mark.parametrize("name", ["ota", "urn:dev:ow:10e2073a01080063", "site-1/gw_2.ota"])
+def test_valid_senml_names_are_taken(name: str) -> None:
+    assert load_config({"name": name}).name == name
+
+
+def test_records_carry_the_time_of_the_status_not_of_the_forwarding() -> None:
+    from connhex_status_forwarder import StatusForwarder
+
+    forwarder = StatusForwarder()
+    status = Status("1", "2", "updating", "", "", at=1_700_000_000.5)
+    pack = json.loads(forwarder.encode(status))
+    assert pack[0]["bt"] == 1_700_000_000.5

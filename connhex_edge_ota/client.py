@@ -22,6 +22,13 @@ import requests
 
 from connhex_edge_ota import __version__
 from connhex_edge_ota.config import OtaSettings
+from connhex_edge_ota.deadline import (
+    Deadline,
+    RateFloor,
+    TooSlow,
+    WatchedAdapter,
+    chunks_as_they_come,
+)
 from connhex_edge_ota.digest import DigestError, format_content_digest, parse_content_digest
 from connhex_edge_ota.release import Release, UnsafeVersionError, check_version
 from connhex_edge_ota.store import Offer, Partial, boot_id, fsync_dir
@@ -80,6 +87,8 @@ class Server:
         self.settings = settings
         self.url = f"{settings.server_url}/iot/ota/{settings.init_id}"
         self.session = requests.Session()
+        for scheme in ("http://", "https://"):  # lets a Deadline cut a trickling answer
+            self.session.mount(scheme, WatchedAdapter())
         # Given with every request: requests lets REQUESTS_CA_BUNDLE override a
         # session's verify (psf/requests#3829), which would drop our ca_file.
         self.verify: str | bool = str(settings.ca_file) if settings.ca_file else True
@@ -100,17 +109,24 @@ class Server:
     def check(self, current_version: str) -> Offer | None:
         """The release the server offers, or ``None`` when there is nothing new."""
         headers = {"Version": current_version} if current_version else {}
+        deadline = Deadline(self.settings.check_timeout)
         try:
-            response = self.session.head(
-                self.url,
-                headers=headers,
-                timeout=self._timeout(),
-                allow_redirects=True,
-                verify=self.verify,
-                cert=self.cert,
-            )
+            with deadline:
+                response = self.session.head(
+                    self.url,
+                    headers=headers,
+                    timeout=self._timeout(),
+                    allow_redirects=True,
+                    verify=self.verify,
+                    cert=self.cert,
+                )
         except requests.RequestException as exc:
+            if deadline.expired:
+                raise ServerError(self._too_slow()) from None
             raise ServerError(_network_error(exc)) from None
+        if deadline.expired:  # a cut in the headers can pass for a short, complete answer
+            response.close()
+            raise ServerError(self._too_slow())
         with response:
             if response.status_code in (204, 304):
                 return None
@@ -142,17 +158,24 @@ class Server:
         headers = {"If-Match": release.etag} if release.etag else {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
+        deadline = Deadline(self.settings.check_timeout)  # for the status line and headers
         try:
-            response = self.session.get(
-                self.url,
-                headers=headers,
-                stream=True,
-                timeout=self._timeout(),
-                verify=self.verify,
-                cert=self.cert,
-            )
+            with deadline:
+                response = self.session.get(
+                    self.url,
+                    headers=headers,
+                    stream=True,
+                    timeout=self._timeout(),
+                    verify=self.verify,
+                    cert=self.cert,
+                )
         except requests.RequestException as exc:
+            if deadline.expired:
+                raise ServerError(self._too_slow()) from None
             raise ServerError(_network_error(exc)) from None
+        if deadline.expired:  # a cut in the headers can pass for a short, complete answer
+            response.close()
+            raise ServerError(self._too_slow())
         with response:
             if response.status_code == 412:
                 part.unlink(missing_ok=True)
@@ -179,13 +202,29 @@ class Server:
                 offset, hasher = 0, hashlib.sha256()
             else:
                 raise _http_error(response)
+            floor = RateFloor(self.settings.min_transfer_rate, self.settings.stall_timeout)
             received = _receive(
-                response, part, offset, hasher, release, partial, save_partial, progress, cancel
+                response,
+                part,
+                offset,
+                hasher,
+                release,
+                partial,
+                save_partial,
+                progress,
+                cancel,
+                floor,
             )
         done = offset + received
         if done < release.size:
             raise ServerError(f"connection ended at {done} of {release.size} bytes; will resume")
         return self._finish(release, part, hasher, received)
+
+    def _too_slow(self) -> str:
+        return (
+            f"server too slow: no complete answer within {self.settings.check_timeout:g}s "
+            "(check_timeout)"
+        )
 
     @staticmethod
     def _finish(release: Release, part: Path, hasher: hashlib._Hash, received: int) -> int:
@@ -209,8 +248,12 @@ def _receive(
     save_partial: Callable[[Partial], None],
     progress: Callable[[int], None],
     cancel: threading.Event,
+    floor: RateFloor,
 ) -> int:
-    """Append the body to ``part``, hashing as it goes; the bytes written."""
+    """Append the body to ``part``, hashing as it goes; the bytes written.
+
+    Cut (keeping the bytes so far) when the body comes slower than ``floor``.
+    """
     written = offset
     next_checkpoint = offset + CHECKPOINT
     mode = "r+b" if offset else "wb"
@@ -220,9 +263,10 @@ def _receive(
         partial = partial.model_copy(update={"boot_id": boot_id(), "durable": offset})
         save_partial(partial)
         try:
-            for chunk in response.iter_content(CHUNK):
+            for chunk in chunks_as_they_come(response.raw, CHUNK):
                 if cancel.is_set():
                     break
+                floor.update(written - offset + len(chunk))
                 if written + len(chunk) > release.size:
                     raise ServerError(f"server sent more than the announced {release.size} bytes")
                 view = memoryview(chunk)
@@ -238,6 +282,10 @@ def _receive(
                     partial = partial.model_copy(update={"durable": written})
                     save_partial(partial)
                     next_checkpoint = written + CHECKPOINT
+        except TooSlow as exc:
+            raise ServerError(
+                f"server too slow: {exc}, at {written} of {release.size} bytes; will resume"
+            ) from None
         except requests.RequestException as exc:  # before OSError: it is one
             raise ServerError(
                 f"{_network_error(exc)} at {written} of {release.size} bytes; will resume"

@@ -72,6 +72,8 @@ EXPECTED: dict[str, str] = {
     "connect_timeout": f"{_DURATION_HINT}, greater than zero",
     "stall_timeout": f"{_DURATION_HINT}, greater than zero",
     "hook_timeout": f"{_DURATION_HINT}, greater than zero",
+    "check_timeout": f"{_DURATION_HINT}, greater than zero",
+    "min_transfer_rate": "a number of bytes per second, zero (no floor) or more",
     "free_space_margin": "a number of bytes, zero or more",
     "max_install_attempts": "a whole number, one or more",
     "max_unpacked_size": "a number of bytes, one or more",
@@ -127,6 +129,10 @@ class OtaSettings(BaseSettings):
     connect_timeout: PositiveDuration = 10.0
     stall_timeout: PositiveDuration = 60.0
     """A transfer that receives no byte for this long fails (and resumes later)."""
+    check_timeout: PositiveDuration = 30.0
+    """Limit for a whole check (HEAD) and for the response headers of a download."""
+    min_transfer_rate: float = Field(default=1024.0, ge=0)
+    """Bytes per second a download must average over each ``stall_timeout``, else it is cut."""
     hook_timeout: PositiveDuration = 30.0
     free_space_margin: int = Field(default=32 * 1024 * 1024, ge=0)
     max_install_attempts: int = Field(default=1, ge=1)

@@ -84,6 +84,8 @@ class ReleaseFolder:
     init_key: str | None = None
     faults: Faults = field(default_factory=Faults)
     requests: list[Seen] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    """Sent with every answer that describes the release (e.g. ``Min-Version``)."""
     _cache: dict[tuple[Path, float, int], Published] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -238,6 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Digest", format_content_digest(release.sha256))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Disposition", f'attachment; filename="{release.path.name}"')
+        for key, value in self.server.releases.headers.items():
+            self.send_header(key, value)
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         self.end_headers()

@@ -20,6 +20,7 @@ import pluggy
 from connhex_edge_ota.calls import in_thread, notify, vetoes
 from connhex_edge_ota.client import ReleaseChanged, Server, ServerError
 from connhex_edge_ota.config import OtaSettings
+from connhex_edge_ota.constraints import refusal
 from connhex_edge_ota.installer import Installer, Outcome
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.status import Status, StatusName, rfc3339_now, short_error
@@ -158,8 +159,24 @@ class OtaService:
             await self._report(StatusName.UPDATED)
             return Result(True)
         self._take_offer(offer)
-        await self._report_offer()
+        if await self._constrained(self.store.release(offer)) is None:
+            await self._report_offer()
         return Result(True)
+
+    async def _constrained(self, release: Release) -> Result | None:
+        """A refusal when the server's Min-/Max-Version exclude the running version, else None.
+
+        Such a release is neither downloaded nor installed: ``update_available``
+        with the constraint as ``error``.
+        """
+        reason = refusal(
+            release.version, self.state.current_version, release.min_version, release.max_version
+        )
+        if not reason:
+            return None
+        if (self.state.status, self.state.error) != (StatusName.UPDATE_AVAILABLE, reason):
+            await self._report(StatusName.UPDATE_AVAILABLE, reason)
+        return Result(False, reason)
 
     def _forget_offer(self) -> None:
         self.state.offer = None
@@ -222,6 +239,8 @@ class OtaService:
         release = self._release()
         if release is None:
             return Result(False, "no update to download")
+        if (refused := await self._constrained(release)) is not None:
+            return refused
         if self.state.ready:
             return Result(True)
         found = await vetoes(
@@ -308,6 +327,8 @@ class OtaService:
         release = self._release()
         if release is None:
             return Result(False, "no update to install")
+        if (refused := await self._constrained(release)) is not None:
+            return refused
         if not operator and self.gave_up_on(release.version):
             return Result(False, f"{release.version} failed before; not retried automatically")
         if not self.state.ready:

@@ -18,8 +18,8 @@ from nats.aio.msg import Msg
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[bytes], Awaitable[bytes]]
-"""A request handler: takes the request body, returns the reply body."""
+Handler = Callable[[str, bytes], Awaitable[bytes]]
+"""A request handler: takes the request's subject and body, returns the reply body."""
 
 
 class Bus:
@@ -74,7 +74,8 @@ class Bus:
         return True
 
     async def serve(self, subject: str, handler: Handler) -> None:
-        """Answer requests on ``subject`` with ``handler`` (now or once connected)."""
+        """Answer requests on ``subject`` (wildcards allowed) with ``handler``, now or once
+        connected."""
         self._handlers[subject] = handler
         if self.connected:
             await self._subscribe(subject)
@@ -114,7 +115,7 @@ class Bus:
 
 async def _answer(msg: Msg, handler: Handler) -> None:
     try:
-        reply = await handler(msg.data)
+        reply = await handler(msg.subject, msg.data)
     except Exception:
         log.exception("handler for %s failed", msg.subject)
         reply = b'{"ok": false, "error": "internal error"}'

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+
+from connhex_edge_ota.natsauth import NatsAuth, redact
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +33,28 @@ class Bus:
         self._handlers: dict[str, Handler] = {}
         self._subscribed: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._shown_url = ""
+        self._last_error = ""
+        """The connection error logged last: each is logged once, not at every retry."""
 
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
-    async def connect(self, url: str, name: str, stop: asyncio.Event) -> None:
-        """Connect to ``url``, retrying until connected or ``stop`` is set."""
+    async def connect(
+        self, url: str, name: str, stop: asyncio.Event, auth: NatsAuth | None = None
+    ) -> None:
+        """Connect to ``url`` with ``auth``, retrying until connected or ``stop`` is set.
+
+        Each distinct failure (unreachable, refused credentials, TLS) is logged
+        once as a warning, not at every retry; logs show the URL without its password.
+        """
+        self._shown_url = redact(url)
+        try:
+            options = auth.connect_options() if auth is not None else {}
+        except (OSError, ssl.SSLError) as exc:  # unreadable TLS files: no bus, the loop goes on
+            log.error("NATS at %s: TLS files not usable (%s); not connecting", self._shown_url, exc)
+            return
         delay = 0.1
         while not stop.is_set():
             try:
@@ -47,16 +65,21 @@ class Bus:
                     reconnect_time_wait=1,
                     max_reconnect_attempts=-1,
                     allow_reconnect=True,
-                    error_cb=_log_error,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    **options,
                 )
             except Exception as exc:
-                log.warning("NATS at %s not reachable (%s); retrying in %.1fs", url, exc, delay)
+                await self._on_error(exc)
+                log.debug("retrying NATS in %.1fs", delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
                 continue
             self._nc = nc
-            log.info("connected to NATS at %s", url)
+            self._last_error = ""
+            log.info("connected to NATS at %s", self._shown_url)
             for subject in list(self._handlers):
                 await self._subscribe(subject)
             return
@@ -98,6 +121,22 @@ class Bus:
                 log.debug("drain failed: %s", exc)
                 await nc.close()
 
+    async def _on_error(self, exc: Exception) -> None:
+        reason = redact(str(exc) or type(exc).__name__)
+        if reason == self._last_error:
+            log.debug("NATS at %s: %s (again)", self._shown_url, reason)
+            return
+        self._last_error = reason
+        log.warning("NATS at %s: %s; retrying", self._shown_url, reason)
+
+    async def _on_disconnected(self) -> None:
+        if self._nc is not None:
+            log.warning("disconnected from NATS at %s", self._shown_url)
+
+    async def _on_reconnected(self) -> None:
+        self._last_error = ""
+        log.info("reconnected to NATS at %s", self._shown_url)
+
     async def _subscribe(self, subject: str) -> None:
         if subject in self._subscribed or self._nc is None:
             return
@@ -121,7 +160,3 @@ async def _answer(msg: Msg, handler: Handler) -> None:
         reply = b'{"ok": false, "error": "internal error"}'
     if msg.reply:
         await msg.respond(reply)
-
-
-async def _log_error(exc: Exception) -> None:
-    log.debug("NATS: %s", exc)

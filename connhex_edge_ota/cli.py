@@ -17,6 +17,7 @@ from connhex_edge_ota import __version__
 from connhex_edge_ota.agent import host_plugin_manager, run_agent
 from connhex_edge_ota.archive import ArchiveError, Limits
 from connhex_edge_ota.config import ConfigError, config_path, load_settings
+from connhex_edge_ota.natsauth import NatsAuth, nats_auth, redact
 from connhex_edge_ota.status import Status
 from connhex_edge_ota.store import Busy, Store
 
@@ -118,7 +119,7 @@ def _step(args: argparse.Namespace) -> int:
     try:
         store.lock()
     except Busy as exc:
-        return _forward(args.command, settings.nats_url, str(exc))
+        return _forward(args.command, settings.nats_url, str(exc), nats_auth(settings))
 
     async def show(status: Status) -> None:
         print(json.dumps(status.payload()), file=sys.stderr)
@@ -144,7 +145,7 @@ def _step(args: argparse.Namespace) -> int:
         store.unlock()
 
 
-def _forward(verb: str, nats_url: str, busy: str) -> int:
+def _forward(verb: str, nats_url: str, busy: str, auth: NatsAuth | None = None) -> int:
     """The service holds the store: ask it over NATS instead, or say it is busy."""
     from connhex_edge_ota.commands import subject
 
@@ -155,8 +156,12 @@ def _forward(verb: str, nats_url: str, busy: str) -> int:
             return None
 
         # nats-py keeps retrying a refused first connection: bound it ourselves.
+        options = auth.connect_options() if auth is not None else {}
         nc = await asyncio.wait_for(
-            nats.connect(nats_url, connect_timeout=2, allow_reconnect=False, error_cb=quiet), 3
+            nats.connect(
+                nats_url, connect_timeout=2, allow_reconnect=False, error_cb=quiet, **options
+            ),
+            3,
         )
         try:
             reply = await nc.request(subject(verb), b"{}", timeout=5)
@@ -166,8 +171,13 @@ def _forward(verb: str, nats_url: str, busy: str) -> int:
 
     try:
         answer = asyncio.run(ask())
-    except Exception:
-        print(f"{busy}; the running service could not be reached over NATS", file=sys.stderr)
+    except Exception as exc:
+        reason = redact(str(exc) or type(exc).__name__)
+        print(
+            f"{busy}; the running service could not be reached over NATS at "
+            f"{redact(nats_url)}: {reason}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     print(answer.decode())
     return EXIT_OK if json.loads(answer).get("ok") else EXIT_FAILED

@@ -8,6 +8,7 @@ variables > the ``[ota]`` table of the TOML file. Durations take Go spelling
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import tomllib
 from pathlib import Path
@@ -31,6 +32,7 @@ from pydantic_settings import (
 )
 
 from connhex_edge_ota.duration import parse_duration
+from connhex_edge_ota.natsauth import redact
 
 DEFAULT_CONFIG_PATH = Path("/opt/connhex/configs/agent.toml")
 ENV_PREFIX = "CONNHEX_OTA_"
@@ -81,7 +83,19 @@ EXPECTED: dict[str, str] = {
     "max_ratio": "a compression ratio, one or more",
     "progress_rate": "a number of events per second, greater than zero",
     "log_keep": "a whole number, one or more",
+    "nats_user": "a NATS user name",
+    "nats_password": "the NATS user's password, a string",
+    "nats_password_file": "the path of an existing file holding the NATS password",
+    "nats_token": "a NATS authentication token, a string",
+    "nats_token_file": "the path of an existing file holding the NATS token",
+    "nats_nkey_file": "the path of an existing NKey seed file",
+    "nats_creds_file": "the path of an existing NATS .creds file",
+    "nats_ca_file": "the path of an existing CA bundle (PEM) for NATS",
+    "nats_cert_file": "the path of an existing client certificate (PEM) for NATS",
+    "nats_key_file": "the path of an existing client key (PEM) for NATS",
 }
+SECRET_KEYS = frozenset({"init_key", "nats_password", "nats_token"})
+"""Keys whose values are never shown, not even in an error."""
 
 
 def _default_nats_url() -> str:
@@ -142,6 +156,18 @@ class OtaSettings(BaseSettings):
     progress_rate: float = Field(default=4.0, gt=0)
     log_keep: int = Field(default=10, ge=1)
 
+    # NATS authentication; secrets best given by file or environment, never printed.
+    nats_user: str = ""
+    nats_password: SecretStr = SecretStr("")
+    nats_password_file: Path | None = None
+    nats_token: SecretStr = SecretStr("")
+    nats_token_file: Path | None = None
+    nats_nkey_file: Path | None = None
+    nats_creds_file: Path | None = None
+    nats_ca_file: Path | None = None
+    nats_cert_file: Path | None = None
+    nats_key_file: Path | None = None
+
     @field_validator("server_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
@@ -163,7 +189,18 @@ class OtaSettings(BaseSettings):
             raise ValueError("not absolute")
         return value
 
-    @field_validator("ca_file", "cert_file", "key_file")
+    @field_validator(
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "nats_password_file",
+        "nats_token_file",
+        "nats_nkey_file",
+        "nats_creds_file",
+        "nats_ca_file",
+        "nats_cert_file",
+        "nats_key_file",
+    )
     @classmethod
     def _check_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -176,6 +213,54 @@ class OtaSettings(BaseSettings):
             missing = "key_file" if self.key_file is None else "cert_file"
             raise ValueError(f"{missing}: cert_file and key_file go together")
         return self
+
+    @model_validator(mode="after")
+    def _check_nats_auth(self) -> OtaSettings:
+        # Raised as ConfigError, not ValueError: these rules name their own keys.
+        def refuse(key: str, message: str) -> ConfigError:
+            return ConfigError(f"config error: [{TABLE}] {key}: {message}")
+
+        for secret in ("nats_password", "nats_token"):
+            if getattr(self, secret).get_secret_value() and getattr(self, secret + "_file"):
+                raise refuse(secret, f"give {secret} or {secret}_file, not both")
+        if (self.nats_password or self.nats_password_file) and not self.nats_user:
+            raise refuse("nats_password", "needs nats_user")
+        methods = [
+            key
+            for key, given in (
+                ("nats_url", "@" in self.nats_url),
+                ("nats_user", bool(self.nats_user)),
+                ("nats_token", bool(self.nats_token or self.nats_token_file)),
+                ("nats_nkey_file", self.nats_nkey_file is not None),
+                ("nats_creds_file", self.nats_creds_file is not None),
+            )
+            if given
+        ]
+        if len(methods) > 1:
+            raise refuse(
+                methods[-1],
+                f"one way to authenticate to NATS at a time; found {', '.join(methods)}",
+            )
+        if (self.nats_cert_file is None) != (self.nats_key_file is None):
+            missing = "nats_key_file" if self.nats_key_file is None else "nats_cert_file"
+            raise refuse(missing, "missing: nats_cert_file and nats_key_file go together")
+        for key in ("nats_nkey_file", "nats_creds_file"):
+            if getattr(self, key) is not None and importlib.util.find_spec("nkeys") is None:
+                raise refuse(key, "needs the nkeys package: pip install 'connhex-edge-ota[nkeys]'")
+        return self
+
+    def nats_secret(self, key: str) -> str:
+        """``nats_password`` or ``nats_token``: its value, else the contents of its ``_file``."""
+        path: Path | None = getattr(self, key + "_file")
+        if path is None:
+            secret: SecretStr = getattr(self, key)
+            return secret.get_secret_value()
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"config error: [{TABLE}] {key}_file = {str(path)!r}: cannot be read ({exc})"
+            ) from None
 
     @property
     def store_dir(self) -> Path:
@@ -292,7 +377,10 @@ def _one_line(exc: ValidationError, table: dict[str, Any], overrides: dict[str, 
         where, value = f"environment {env_name}", os.environ[env_name]
     else:
         where, value = "file", table.get(key, error.get("input"))
-    shown = "<secret>" if key == "init_key" else repr(value)
+    if key in SECRET_KEYS:
+        shown = "<secret>"
+    else:
+        shown = repr(redact(value) if isinstance(value, str) else value)
     expected = EXPECTED.get(key, "a valid value")
     source = "" if where == "file" else f" (from {where})"
     return f"config error: [{TABLE}] {key} = {shown}{source}: {message}; expected {expected}"

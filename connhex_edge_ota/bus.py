@@ -21,6 +21,9 @@ from connhex_edge_ota.natsauth import NatsAuth, redact
 
 log = logging.getLogger(__name__)
 
+MAX_ERRORS_LOGGED = 10
+"""Distinct connection errors logged as warnings between two connections, at most."""
+
 Handler = Callable[[str, bytes], Awaitable[bytes]]
 """A request handler: takes the request's subject and body, returns the reply body."""
 
@@ -34,8 +37,8 @@ class Bus:
         self._subscribed: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._shown_url = ""
-        self._last_error = ""
-        """The connection error logged last: each is logged once, not at every retry."""
+        self._errors_logged: set[str] = set()
+        """Connection errors logged since the last connection: each once, not at every retry."""
 
     @property
     def connected(self) -> bool:
@@ -78,7 +81,7 @@ class Bus:
                 delay = min(delay * 2, 5.0)
                 continue
             self._nc = nc
-            self._last_error = ""
+            self._errors_logged.clear()
             log.info("connected to NATS at %s", self._shown_url)
             for subject in list(self._handlers):
                 await self._subscribe(subject)
@@ -123,10 +126,10 @@ class Bus:
 
     async def _on_error(self, exc: Exception) -> None:
         reason = redact(str(exc) or type(exc).__name__)
-        if reason == self._last_error:
+        if reason in self._errors_logged or len(self._errors_logged) >= MAX_ERRORS_LOGGED:
             log.debug("NATS at %s: %s (again)", self._shown_url, reason)
             return
-        self._last_error = reason
+        self._errors_logged.add(reason)
         log.warning("NATS at %s: %s; retrying", self._shown_url, reason)
 
     async def _on_disconnected(self) -> None:
@@ -134,7 +137,7 @@ class Bus:
             log.warning("disconnected from NATS at %s", self._shown_url)
 
     async def _on_reconnected(self) -> None:
-        self._last_error = ""
+        self._errors_logged.clear()
         log.info("reconnected to NATS at %s", self._shown_url)
 
     async def _subscribe(self, subject: str) -> None:

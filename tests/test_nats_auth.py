@@ -52,6 +52,8 @@ def test_urls_are_shown_without_passwords() -> None:
         redact("tls://a:b@h1:4222,tls://c:d@h2:4222") == "tls://a:***@h1:4222,tls://c:***@h2:4222"
     )
     assert redact("failed: nats://u:p@h:1 refused") == "failed: nats://u:***@h:1 refused"
+    assert redact("nats://u:p,a:ss@h:1") == "nats://u:***@h:1"
+    assert redact("nats://h1:4222,nats://u:p@h2:4222") == "nats://h1:4222,nats://u:***@h2:4222"
 
 
 def test_secrets_come_from_files_or_the_environment_and_are_never_shown(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,8 +27,15 @@ defence sees the connection end after this, with another error than "too slow"."
 class TrickleServer:
     """Answers the OTA API on 127.0.0.1, sending headers or body one byte at a time."""
 
-    def __init__(self, trickle: str, interval: float = 0.05, step: int = 1) -> None:
+    def __init__(
+        self,
+        trickle: str,
+        interval: float = 0.05,
+        step: int = 1,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.trickle = trickle
+        self.tls = tls
         """"head": the headers of every answer; "body": the body of a GET."""
         self.interval = interval
         self.step = step
@@ -46,7 +54,7 @@ class TrickleServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def _accept(self) -> None:
         while not self.stopping.is_set():
@@ -59,6 +67,12 @@ class TrickleServer:
             self._threads.append(thread)
 
     def _answer(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
         with conn:
             request = b""
             while b"\r\n\r\n" not in request:
@@ -132,6 +146,22 @@ def test_a_check_whose_headers_trickle_is_cut_at_check_timeout(
     server = trickle_server("head")
     with pytest.raises(ServerError, match=r"^server too slow: no complete answer within 1s"):
         client(tmp_path, server.url).check("1.0.0")
+
+
+def test_a_check_over_tls_whose_headers_trickle_is_cut_too(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = TrickleServer("head", tls=context)
+    try:
+        device = client(tmp_path, server.url, ca_file=str(ca_file))
+        with pytest.raises(ServerError, match=r"^server too slow: no complete answer"):
+            device.check("1.0.0")
+    finally:
+        server.close()
 
 
 def test_a_download_whose_body_trickles_is_cut_and_keeps_what_came(

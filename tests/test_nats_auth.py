@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -150,6 +151,28 @@ def test_password_in_the_url_or_the_environment_and_never_logged(
     assert f"connected to NATS at nats://ops:***@127.0.0.1:{bus.port}" in in_url.output()
     for agent in (in_url, from_env):
         assert PASSWORD not in agent.output()
+
+
+def test_nkey_seed_file(
+    ota_agent: Callable[..., OtaAgent],
+    start_nats: Callable[..., NatsServer],
+    tmp_path: Path,
+) -> None:
+    nkeys = pytest.importorskip("nkeys")
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "device.nk"
+    seed_file.write_bytes(seed + b"\n")
+    config = tmp_path / "nats-nkey.conf"
+    config.write_text(f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}\n')
+    bus = start_nats("--config", str(config))
+    agent = ota_agent(nats_url=bus.url, nats_nkey_file=str(seed_file))
+    wait_until(lambda: "connected to NATS" in agent.output())
+    anonymous = ota_agent(nats_url=bus.url, install_dir=str(tmp_path / "second-device"))
+    wait_until(lambda: "Authorization Violation" in anonymous.output())
+    agent.stop()
+    anonymous.stop()
+    assert seed.decode() not in agent.output()
 
 
 def test_a_wrong_token_keeps_the_update_loop_going_and_is_logged_once(

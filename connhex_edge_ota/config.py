@@ -244,6 +244,14 @@ class OtaSettings(BaseSettings):
         if (self.nats_cert_file is None) != (self.nats_key_file is None):
             missing = "nats_key_file" if self.nats_key_file is None else "nats_cert_file"
             raise refuse(missing, "missing: nats_cert_file and nats_key_file go together")
+        if self.nats_creds_file is not None:
+            # nats-py reads a file without these markers forever, freezing the event loop.
+            try:
+                creds = self.nats_creds_file.read_text(errors="replace")
+            except OSError as exc:
+                raise refuse("nats_creds_file", f"cannot be read ({exc.strerror})") from None
+            if "BEGIN NATS USER JWT" not in creds or "BEGIN USER NKEY SEED" not in creds:
+                raise refuse("nats_creds_file", "not a .creds file (a user JWT and NKey seed)")
         for key in ("nats_nkey_file", "nats_creds_file"):
             if getattr(self, key) is not None and importlib.util.find_spec("nkeys") is None:
                 raise refuse(key, "needs the nkeys package: pip install 'connhex-edge-ota[nkeys]'")

@@ -4,11 +4,13 @@ nats-server, secrets never shown, and a refused login logged once."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -175,6 +177,75 @@ def test_nkey_seed_file(
     assert seed.decode() not in agent.output()
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _jwt(issuer: Any, subject: str, nats_claims: dict[str, Any]) -> str:
+    """A NATS JWT (ed25519-nkey) for ``subject``, signed by the ``issuer`` key pair."""
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    claims = {
+        "jti": _b64(os.urandom(16)),
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "sub": subject,
+        "name": subject[:8],
+        "nats": {"version": 2, **nats_claims},
+    }
+    body = _b64(json.dumps(claims).encode())
+    return f"{header}.{body}.{_b64(issuer.sign(f'{header}.{body}'.encode()))}"
+
+
+def test_creds_file_in_operator_mode(
+    ota_agent: Callable[..., OtaAgent],
+    start_nats: Callable[..., NatsServer],
+    tmp_path: Path,
+) -> None:
+    nkeys = pytest.importorskip("nkeys")
+
+    def pair(prefix: int) -> tuple[bytes, Any]:
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        return seed, nkeys.from_seed(bytearray(seed))
+
+    _, operator = pair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = pair(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, user = pair(nkeys.PREFIX_BYTE_USER)
+    account_pub = account.public_key.decode()
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1}
+    operator_jwt = _jwt(operator, operator.public_key.decode(), {"type": "operator"})
+    account_jwt = _jwt(
+        operator,
+        account_pub,
+        {"type": "account", "limits": {**unlimited, "wildcards": True, "conn": -1, "leaf": -1}},
+    )
+    user_jwt = _jwt(
+        account,
+        user.public_key.decode(),
+        {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1},
+    )
+    config = tmp_path / "nats-operator.conf"
+    config.write_text(
+        f'operator: "{operator_jwt}"\nresolver: MEMORY\n'
+        f'resolver_preload: {{\n  {account_pub}: "{account_jwt}"\n}}\n'
+    )
+    creds = tmp_path / "device.creds"
+    creds.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+    bus = start_nats("--config", str(config))
+    agent = ota_agent(nats_url=bus.url, nats_creds_file=str(creds))
+    status, reply = asyncio.run(_first_status_and_reply(bus.url, NatsAuth(creds_file=creds)))
+    assert status["current_version"] == "1.0.0" and reply["ok"] is True
+    agent.stop()
+    assert user_seed.decode() not in agent.output()
+    # A file without the JWT would make nats-py read forever: refused at start.
+    broken = tmp_path / "broken.creds"
+    broken.write_text(user_seed.decode())
+    with pytest.raises(ConfigError, match=r"nats_creds_file: not a \.creds file"):
+        load_settings(None, nats_creds_file=str(broken))
+
+
 def test_a_wrong_token_keeps_the_update_loop_going_and_is_logged_once(
     ota_agent: Callable[..., OtaAgent],
     start_nats: Callable[..., NatsServer],
@@ -228,7 +299,8 @@ def tls_files(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-async def _first_status_over_tls(url: str, auth: NatsAuth) -> tuple[dict[str, Any], Any]:
+async def _first_status_and_reply(url: str, auth: NatsAuth) -> tuple[dict[str, Any], Any]:
+    """The first status published, and the reply to ``commands.ota.status``, as ``auth``."""
     nc = await nats.connect(url, **auth.connect_options())
     try:
         got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -263,7 +335,7 @@ def test_tls_with_a_client_certificate(
     auth = NatsAuth(
         ca_file=tls_files["ca"], cert_file=tls_files["client"], key_file=tls_files["client-key"]
     )
-    status, reply = asyncio.run(_first_status_over_tls(url, auth))
+    status, reply = asyncio.run(_first_status_and_reply(url, auth))
     assert status["current_version"] == "1.0.0"
     assert reply["ok"] is True
     wait_until(lambda: "connected to NATS" in with_cert.output())

@@ -39,6 +39,8 @@ class Deadline:
         self.expired = False
         """True once the deadline passed (the request then failed because of it)."""
         self._sockets: list[socket.socket] = []
+        self._owned: list[socket.socket] = []
+        """Duplicates made for the watch: closed when the block ends."""
         self._lock = threading.Lock()
         self._active = False
         self._timer = threading.Timer(seconds, self._expire)
@@ -60,15 +62,25 @@ class Deadline:
         with self._lock:
             self._active = False
             self._sockets.clear()
+            owned, self._owned = self._owned, []
+        for sock in owned:
+            sock.close()
         _current.deadline = None
 
-    def watch(self, sock: socket.socket | None) -> None:
-        """Shut ``sock`` when the deadline passes (at once when it already has)."""
+    def watch(self, sock: socket.socket | None, owned: bool = False) -> None:
+        """Shut ``sock`` when the deadline passes (at once when it already has).
+
+        ``owned``: ``sock`` is a duplicate made for the watch, closed when the block ends.
+        """
         if sock is None:
             return
         with self._lock:
             if not self._active:
+                if owned:
+                    sock.close()
                 return
+            if owned:
+                self._owned.append(sock)
             if self.expired:
                 _shut(sock)
             else:
@@ -96,10 +108,19 @@ def _watch(sock: socket.socket | None) -> None:
         deadline.watch(sock)
 
 
+def _watch_new(sock: socket.socket) -> None:
+    deadline: Deadline | None = getattr(_current, "deadline", None)
+    if deadline is not None:
+        # A duplicate: TLS takes the original's descriptor over (leaving the object
+        # empty) before its handshake, which a trickling server can stretch too.
+        # Shutting a duplicate down shuts the connection itself.
+        deadline.watch(sock.dup(), owned=True)
+
+
 class _WatchedHTTPConnection(HTTPConnection):
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
-        _watch(sock)  # covers a TLS handshake too, until the TLS socket takes over
+        _watch_new(sock)
         return sock
 
     def getresponse(self) -> Any:  # the status line and headers are read here
@@ -110,7 +131,7 @@ class _WatchedHTTPConnection(HTTPConnection):
 class _WatchedHTTPSConnection(HTTPSConnection):
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
-        _watch(sock)
+        _watch_new(sock)
         return sock
 
     def getresponse(self) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import socket
 import ssl
@@ -15,6 +16,7 @@ import pytest
 
 from connhex_edge_ota.client import Server, ServerError
 from connhex_edge_ota.config import load_settings
+from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.store import Offer, Partial, Store
 from connhex_edge_ota.testing import OtaAgent, StatusWatcher
 
@@ -45,8 +47,9 @@ class TrickleServer:
         self.listener.listen(8)
         self.port = self.listener.getsockname()[1]
         self.stopping = threading.Event()
-        self.hangups: list[float] = []
-        """When each trickle ended because the client closed its end."""
+        self.gave_up = threading.Event()
+        """Set when a trickle lasted TRICKLE_FOR and the server hung up: the client
+        had not cut it."""
         self._threads: list[threading.Thread] = []
         accept = threading.Thread(target=self._accept, daemon=True)
         accept.start()
@@ -67,6 +70,9 @@ class TrickleServer:
             self._threads.append(thread)
 
     def _answer(self, conn: socket.socket) -> None:
+        if self.trickle == "relay":
+            self._relay(conn)
+            return
         if self.tls is not None:
             try:
                 conn = self.tls.wrap_socket(conn, server_side=True)
@@ -97,17 +103,39 @@ class TrickleServer:
             if method == b"GET":
                 self._drip(conn, BODY)
 
-    def _drip(self, conn: socket.socket, data: bytes) -> None:
+    upstream: tuple[str, int] = ("127.0.0.1", 0)
+    """For "relay": the server whose answers (TLS handshake included) are trickled."""
+
+    def _relay(self, conn: socket.socket) -> None:
+        with conn, socket.create_connection(self.upstream) as upstream:
+
+            def forward() -> None:
+                with contextlib.suppress(OSError):
+                    while data := conn.recv(4096):
+                        upstream.sendall(data)
+                with contextlib.suppress(OSError):  # the client left: so does the relay
+                    upstream.shutdown(socket.SHUT_RDWR)
+
+            threading.Thread(target=forward, daemon=True).start()
+            with contextlib.suppress(OSError):
+                while (data := upstream.recv(4096)) and self._drip(conn, data):
+                    pass
+
+    def _drip(self, conn: socket.socket, data: bytes) -> bool:
+        """Send ``data`` a step at a time; False when it stopped before the end."""
         until = time.monotonic() + TRICKLE_FOR
         for i in range(0, len(data), self.step):
-            if self.stopping.is_set() or time.monotonic() > until:
-                return
+            if self.stopping.is_set():
+                return False
+            if time.monotonic() > until:
+                self.gave_up.set()
+                return False
             try:
                 conn.sendall(data[i : i + self.step])
             except OSError:
-                self.hangups.append(time.monotonic())
-                return
+                return False
             self.stopping.wait(self.interval)
+        return True
 
     def close(self) -> None:
         self.stopping.set()
@@ -162,6 +190,32 @@ def test_a_check_over_tls_whose_headers_trickle_is_cut_too(tmp_path: Path) -> No
             device.check("1.0.0")
     finally:
         server.close()
+
+
+def test_a_trickled_tls_handshake_is_cut_too(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    folder = tmp_path / "releases"
+    folder.mkdir()
+    with ReleaseServer(folder, tls=context) as real:
+        relay = TrickleServer("relay")
+        relay.upstream = ("127.0.0.1", real.port)
+        try:
+            device = client(
+                tmp_path,
+                f"https://127.0.0.1:{relay.port}",
+                ca_file=str(ca_file),
+                connect_timeout="1m",  # longer than the relay trickles: only the deadline cuts
+            )
+            with pytest.raises(ServerError, match=r"^server too slow: no complete answer"):
+                device.check("1.0.0")
+            assert not relay.gave_up.is_set()
+        finally:
+            relay.close()
 
 
 def test_a_download_whose_body_trickles_is_cut_and_keeps_what_came(

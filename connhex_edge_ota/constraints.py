@@ -102,9 +102,9 @@ def refusal(version: str, current: str, min_version: str, max_version: str) -> s
             _reported.add(key)
             log.warning(
                 "release %s: constraint %s not enforced: the versions do not parse (installed %r)",
-                version,
+                _short(version),
                 _describe(min_version, max_version),
-                current,
+                _short(current),
             )
         return ""
     running, *limits = parsed
@@ -121,7 +121,12 @@ def refusal(version: str, current: str, min_version: str, max_version: str) -> s
 def _describe(min_version: str, max_version: str) -> str:
     parts = []
     if min_version:
-        parts.append(f">= {min_version!r}")
+        parts.append(f">= {_short(min_version)!r}")
     if max_version:
-        parts.append(f"< {max_version!r}")
+        parts.append(f"< {_short(max_version)!r}")
     return ", ".join(parts)
+
+
+def _short(text: str) -> str:
+    """At most 64 characters of a version the server sent, for a log line."""
+    return text if len(text) <= 64 else text[:64] + "…"

@@ -262,8 +262,12 @@ def _receive(
         file.seek(offset)
         partial = partial.model_copy(update={"boot_id": boot_id(), "durable": offset})
         save_partial(partial)
+
+        def piece() -> int:  # pieces end at checkpoints: durable every CHECKPOINT bytes
+            return min(CHUNK, next_checkpoint - written)
+
         try:
-            for chunk in chunks_as_they_come(response.raw, CHUNK):
+            for chunk in chunks_as_they_come(response.raw, piece):
                 if cancel.is_set():
                     break
                 floor.update(written - offset + len(chunk))

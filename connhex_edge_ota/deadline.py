@@ -13,7 +13,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -203,8 +203,9 @@ class RateFloor:
         self._start, self._start_bytes = now, received
 
 
-def chunks_as_they_come(raw: Any, size: int) -> Iterator[bytes]:
-    """The body of a streamed urllib3 response in pieces of at most ``size`` bytes.
+def chunks_as_they_come(raw: Any, size: Callable[[], int]) -> Iterator[bytes]:
+    """The body of a streamed urllib3 response in pieces of at most ``size()`` bytes
+    (asked before each read, so a caller can stop pieces at a boundary of its own).
 
     Unlike ``iter_content``, which waits for ``size`` bytes, each piece is what
     one read of the socket gave, so a trickle is seen (and measured) as it comes.
@@ -213,7 +214,7 @@ def chunks_as_they_come(raw: Any, size: int) -> Iterator[bytes]:
     # urllib3 < 2.3 has no read1: whole pieces are the best it can do.
     read = getattr(raw, "read1", None) or raw.read
     try:
-        while chunk := read(size, decode_content=True):
+        while chunk := read(size(), decode_content=True):
             yield chunk
     except ProtocolError as exc:
         raise requests.exceptions.ChunkedEncodingError(exc) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -32,7 +33,7 @@ from pydantic_settings import (
 )
 
 from connhex_edge_ota.duration import parse_duration
-from connhex_edge_ota.natsauth import redact
+from connhex_edge_ota.natsauth import NatsAuth, redact
 
 DEFAULT_CONFIG_PATH = Path("/opt/connhex/configs/agent.toml")
 ENV_PREFIX = "CONNHEX_OTA_"
@@ -252,6 +253,14 @@ class OtaSettings(BaseSettings):
                 raise refuse("nats_creds_file", f"cannot be read ({exc.strerror})") from None
             if "BEGIN NATS USER JWT" not in creds or "BEGIN USER NKEY SEED" not in creds:
                 raise refuse("nats_creds_file", "not a .creds file (a user JWT and NKey seed)")
+        try:
+            NatsAuth(ca_file=self.nats_ca_file).tls_context()
+        except (ssl.SSLError, OSError) as exc:
+            raise refuse("nats_ca_file", f"not a usable CA bundle ({exc})") from None
+        try:
+            NatsAuth(cert_file=self.nats_cert_file, key_file=self.nats_key_file).tls_context()
+        except (ssl.SSLError, OSError) as exc:
+            raise refuse("nats_cert_file", f"certificate and key do not load ({exc})") from None
         for key in ("nats_nkey_file", "nats_creds_file"):
             if getattr(self, key) is not None and importlib.util.find_spec("nkeys") is None:
                 raise refuse(key, "needs the nkeys package: pip install 'connhex-edge-ota[nkeys]'")

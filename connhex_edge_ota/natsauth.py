@@ -53,7 +53,8 @@ class NatsAuth:
             cafile=str(self.ca_file) if self.ca_file is not None else None
         )
         if self.cert_file is not None and self.key_file is not None:
-            context.load_cert_chain(str(self.cert_file), str(self.key_file))
+            # An encrypted key fails instead of OpenSSL prompting on a terminal nobody reads.
+            context.load_cert_chain(str(self.cert_file), str(self.key_file), password=b"")
         return context
 
     def connect_options(self) -> dict[str, Any]:

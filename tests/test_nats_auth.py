@@ -100,6 +100,21 @@ def test_conflicting_or_missing_auth_keys_are_one_line_errors(
     assert "\n" not in str(caught.value) and "a:b@" not in str(caught.value)
 
 
+def test_tls_files_that_do_not_load_are_refused_at_start(
+    tmp_path: Path, tls_files: dict[str, Path]
+) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"^config error: \[ota\] nats_ca_file: not a usable CA"):
+        load_settings(None, nats_ca_file=str(junk))
+    with pytest.raises(ConfigError, match=r"nats_cert_file: certificate and key do not load"):
+        load_settings(
+            None,
+            nats_cert_file=str(tls_files["client"]),
+            nats_key_file=str(tls_files["server-key"]),
+        )
+
+
 def test_token_auth_statuses_commands_and_cli_forwarding(
     ota_agent: Callable[..., OtaAgent],
     start_nats: Callable[..., NatsServer],

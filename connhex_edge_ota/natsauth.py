@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the host's bus uses this module without the addon's settings
     from connhex_edge_ota.config import OtaSettings
 
-_USERINFO = re.compile(r"(?<=://)([^@/\s]*)@")
+_USERINFO = re.compile(r"(?<=://)([^/?#\s]*)@")
+"""The user information of a URL: up to the authority's last ``@``, as urllib splits it."""
 
 
 def redact(text: str) -> str:

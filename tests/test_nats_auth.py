@@ -17,6 +17,8 @@ from typing import Any
 
 import nats
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from connhex_edge_ota.config import ConfigError, load_settings
 from connhex_edge_ota.natsauth import NatsAuth, nats_auth, redact
@@ -56,7 +58,20 @@ def test_urls_are_shown_without_passwords() -> None:
     )
     assert redact("failed: nats://u:p@h:1 refused") == "failed: nats://u:***@h:1 refused"
     assert redact("nats://u:p,a:ss@h:1") == "nats://u:***@h:1"
+    assert redact("nats://u:p@ss@h:1") == "nats://u:***@h:1"  # urllib splits at the last @
     assert redact("nats://h1:4222,nats://u:p@h2:4222") == "nats://h1:4222,nats://u:***@h2:4222"
+
+
+_SAFE = "".join(chr(c) for c in range(33, 127) if chr(c) not in "/?#")
+
+
+@given(
+    st.text(alphabet="".join(c for c in _SAFE if c not in ":@"), min_size=1),
+    st.text(alphabet=_SAFE, min_size=1),
+)
+def test_no_password_survives_redaction(user: str, password: str) -> None:
+    shown = redact(f"nats://{user}:{password}@nats.example.com:4222")
+    assert shown == f"nats://{user}:***@nats.example.com:4222"
 
 
 def test_secrets_come_from_files_or_the_environment_and_are_never_shown(

@@ -24,6 +24,7 @@ from connhex_edge_ota import PROJECT, __version__, hookimpl, lifecycle
 from connhex_edge_ota.bus import Bus
 from connhex_edge_ota.config import ConfigError, load_settings, read_toml
 from connhex_edge_ota.loading import LoadedPlugin, load_plugins, one_line
+from connhex_edge_ota.natsauth import nats_auth
 from connhex_edge_ota.store import Busy
 
 log = logging.getLogger(__name__)
@@ -198,9 +199,11 @@ class ReferenceAgent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
-        nats_url = load_settings(self.config_path).nats_url
+        settings = load_settings(self.config_path)
         connecting = asyncio.create_task(
-            self.bus.connect(nats_url, "connhex-agent", self.stop_event)
+            self.bus.connect(
+                settings.nats_url, "connhex-agent", self.stop_event, nats_auth(settings)
+            )
         )
         with contextlib.suppress(TimeoutError):  # go on without NATS; it connects later
             await asyncio.wait_for(asyncio.shield(connecting), 3.0)

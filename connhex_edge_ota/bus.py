@@ -10,16 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from connhex_edge_ota.natsauth import NatsAuth, redact
+
 log = logging.getLogger(__name__)
 
-Handler = Callable[[bytes], Awaitable[bytes]]
-"""A request handler: takes the request body, returns the reply body."""
+MAX_ERRORS_LOGGED = 10
+"""Distinct errors (refused credentials, TLS ...) logged as warnings while down, at most."""
+
+Handler = Callable[[str, bytes], Awaitable[bytes]]
+"""A request handler: takes the request's subject and body, returns the reply body."""
 
 
 class Bus:
@@ -36,10 +42,23 @@ class Bus:
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
-    async def connect(self, url: str, name: str, stop: asyncio.Event) -> None:
-        """Connect to ``url``, retrying until connected or ``stop`` is set."""
+    async def connect(
+        self, url: str, name: str, stop: asyncio.Event, auth: NatsAuth | None = None
+    ) -> None:
+        """Connect to ``url`` with ``auth``, retrying until connected or ``stop`` is set.
+
+        The first failure is logged as a warning, then one line when the bus is
+        lost and one when it is back; each distinct other error (refused
+        credentials, TLS) once. Logs show the URL without its password.
+        """
+        shown = redact(url)
+        link = self._link = _Link(shown)
+        try:
+            options = auth.connect_options() if auth is not None else {}
+        except (OSError, ssl.SSLError) as exc:  # unreadable TLS files: no bus, the loop goes on
+            log.error("NATS at %s: TLS files not usable (%s); not connecting", shown, exc)
+            return
         delay = 0.1
-        link = self._link = _Link(url)
         while not stop.is_set():
             try:
                 nc = await nats.connect(
@@ -52,18 +71,23 @@ class Bus:
                     error_cb=link.error,
                     disconnected_cb=link.disconnected,
                     reconnected_cb=link.reconnected,
+                    **options,
                 )
             except Exception as exc:
                 await link.error(exc)
+                log.debug("retrying NATS in %.1fs", delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
                 continue
             self._nc = nc
             link.up = True
+            link.errors_logged.clear()
             # After "not reachable", the pair's second line, at the same level.
             log.log(
-                logging.WARNING if link.told_down else logging.INFO, "connected to NATS at %s", url
+                logging.WARNING if link.told_down else logging.INFO,
+                "connected to NATS at %s",
+                shown,
             )
             link.told_down = False
             for subject in list(self._handlers):
@@ -83,7 +107,8 @@ class Bus:
         return True
 
     async def serve(self, subject: str, handler: Handler) -> None:
-        """Answer requests on ``subject`` with ``handler`` (now or once connected)."""
+        """Answer requests on ``subject`` (wildcards allowed) with ``handler``, now or once
+        connected."""
         self._handlers[subject] = handler
         if self.connected:
             await self._subscribe(subject)
@@ -133,7 +158,7 @@ class Bus:
 
 async def _answer(msg: Msg, handler: Handler) -> None:
     try:
-        reply = await handler(msg.data)
+        reply = await handler(msg.subject, msg.data)
     except Exception:
         log.exception("handler for %s failed", msg.subject)
         reply = b'{"ok": false, "error": "internal error"}'
@@ -164,10 +189,17 @@ class _Link:
         self.told_down = False
         self.closing = False
         """Closed on purpose: the disconnect is not news."""
+        self.errors_logged: set[str] = set()
+        """Other errors logged since the last connection: each once, not at every retry."""
 
     async def error(self, exc: Exception) -> None:
         if not isinstance(exc, _CONNECTION_ERRORS):
-            log.warning("NATS at %s: %s", self.url, exc)
+            reason = redact(_reason(exc))
+            if reason in self.errors_logged or len(self.errors_logged) >= MAX_ERRORS_LOGGED:
+                log.debug("NATS at %s: %s (again)", self.url, reason)
+                return
+            self.errors_logged.add(reason)
+            log.warning("NATS at %s: %s; retrying", self.url, reason)
         elif not self.up and not self.told_down:
             self.told_down = True
             log.warning("NATS at %s not reachable (%s); retrying", self.url, _reason(exc))
@@ -182,6 +214,7 @@ class _Link:
 
     async def reconnected(self) -> None:
         self.up = True
+        self.errors_logged.clear()
         self.told_down = False
         log.warning("NATS connection to %s back", self.url)
 

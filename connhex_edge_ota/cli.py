@@ -27,6 +27,7 @@ from connhex_edge_ota.logs import (
     resolve_level,
     setup_logging,
 )
+from connhex_edge_ota.natsauth import NatsAuth, nats_auth, redact
 from connhex_edge_ota.state import load_state
 from connhex_edge_ota.status import Status
 from connhex_edge_ota.store import Busy, Store
@@ -242,7 +243,9 @@ def _step(args: argparse.Namespace) -> int:
     try:
         store.lock()
     except Busy as exc:
-        return _forward(args.command, settings.nats_url, str(exc), wants_json(args.json))
+        return _forward(
+            args.command, settings.nats_url, str(exc), wants_json(args.json), nats_auth(settings)
+        )
 
     console = Console(json_lines=args.json)
     if not logging.getLogger().isEnabledFor(logging.INFO):
@@ -283,7 +286,9 @@ def _step(args: argparse.Namespace) -> int:
         store.unlock()
 
 
-def _forward(verb: str, nats_url: str, busy: str, as_json: bool) -> int:
+def _forward(
+    verb: str, nats_url: str, busy: str, as_json: bool, auth: NatsAuth | None = None
+) -> int:
     """The service holds the store: ask it over NATS instead, or say it is busy."""
     from connhex_edge_ota.commands import subject
 
@@ -294,8 +299,12 @@ def _forward(verb: str, nats_url: str, busy: str, as_json: bool) -> int:
             return None
 
         # nats-py keeps retrying a refused first connection: bound it ourselves.
+        options = auth.connect_options() if auth is not None else {}
         nc = await asyncio.wait_for(
-            nats.connect(nats_url, connect_timeout=2, allow_reconnect=False, error_cb=quiet), 3
+            nats.connect(
+                nats_url, connect_timeout=2, allow_reconnect=False, error_cb=quiet, **options
+            ),
+            3,
         )
         try:
             reply = await nc.request(subject(verb), b"{}", timeout=5)
@@ -305,8 +314,13 @@ def _forward(verb: str, nats_url: str, busy: str, as_json: bool) -> int:
 
     try:
         answer = asyncio.run(ask())
-    except Exception:
-        print(f"{busy}; the running service could not be reached over NATS", file=sys.stderr)
+    except Exception as exc:
+        reason = redact(str(exc) or type(exc).__name__)
+        print(
+            f"{busy}; the running service could not be reached over NATS at "
+            f"{redact(nats_url)}: {reason}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     reply = json.loads(answer)
     print_result(reply, as_json, note=str(reply.get("note", "")), told=False)

@@ -26,6 +26,13 @@ from pydantic import ValidationError
 
 from connhex_edge_ota import __version__, delta, killpoints
 from connhex_edge_ota.config import OtaSettings
+from connhex_edge_ota.deadline import (
+    Deadline,
+    RateFloor,
+    TooSlow,
+    WatchedAdapter,
+    chunks_as_they_come,
+)
 from connhex_edge_ota.delta import NoDelta
 from connhex_edge_ota.digest import (
     DigestError,
@@ -104,6 +111,8 @@ class Server:
         self.settings = settings
         self.url = f"{settings.server_url}/iot/ota/{settings.init_id}"
         self.session = requests.Session()
+        for scheme in ("http://", "https://"):  # lets a Deadline cut a trickling answer
+            self.session.mount(scheme, WatchedAdapter())
         # Given with every request: requests lets REQUESTS_CA_BUNDLE override a
         # session's verify (psf/requests#3829), which would drop our ca_file.
         self.verify: str | bool = str(settings.ca_file) if settings.ca_file else True
@@ -124,17 +133,24 @@ class Server:
     def check(self, current_version: str) -> Offer | None:
         """The release the server offers, or ``None`` when there is nothing new."""
         headers = {"Version": current_version} if current_version else {}
+        deadline = Deadline(self.settings.check_timeout)
         try:
-            response = self.session.head(
-                self.url,
-                headers=headers,
-                timeout=self._timeout(),
-                allow_redirects=True,
-                verify=self.verify,
-                cert=self.cert,
-            )
+            with deadline:
+                response = self.session.head(
+                    self.url,
+                    headers=headers,
+                    timeout=self._timeout(),
+                    allow_redirects=True,
+                    verify=self.verify,
+                    cert=self.cert,
+                )
         except requests.RequestException as exc:
+            if deadline.expired:
+                raise ServerError(self._too_slow()) from None
             raise ServerError(_network_error(exc)) from None
+        if deadline.expired:  # a cut in the headers can pass for a short, complete answer
+            response.close()
+            raise ServerError(self._too_slow())
         with response:
             if response.status_code in (204, 304):
                 return None
@@ -200,17 +216,7 @@ class Server:
         headers = {"If-Match": release.etag} if release.etag else {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        try:
-            response = self.session.get(
-                self.url,
-                headers=headers,
-                stream=True,
-                timeout=self._timeout(),
-                verify=self.verify,
-                cert=self.cert,
-            )
-        except requests.RequestException as exc:
-            raise ServerError(_network_error(exc)) from None
+        response = self._get(headers)
         with response:
             if response.status_code == 412:
                 part.unlink(missing_ok=True)
@@ -239,7 +245,7 @@ class Server:
                 raise _http_error(response)
             total = release.size - offset
             received = _receive(
-                paced(response.iter_content(self._chunk()), self.settings.max_download_rate),
+                self._body(response),
                 part,
                 offset,
                 hasher,
@@ -260,22 +266,49 @@ class Server:
         rate = self.settings.max_download_rate
         return min(CHUNK, max(1024, rate // 10)) if rate else CHUNK
 
+    def _get(self, headers: dict[str, str]) -> requests.Response:
+        """A streamed GET whose status line and headers must come within ``check_timeout``."""
+        deadline = Deadline(self.settings.check_timeout)
+        try:
+            with deadline:
+                response = self.session.get(
+                    self.url,
+                    headers=headers,
+                    stream=True,
+                    timeout=self._timeout(),
+                    verify=self.verify,
+                    cert=self.cert,
+                )
+        except requests.RequestException as exc:
+            if deadline.expired:
+                raise ServerError(self._too_slow()) from None
+            raise ServerError(_network_error(exc)) from None
+        if deadline.expired:  # a cut in the headers can pass for a short, complete answer
+            response.close()
+            raise ServerError(self._too_slow())
+        return response
+
+    def _body(self, response: requests.Response) -> Iterator[bytes]:
+        """The body as it comes, cut when slower than ``min_transfer_rate``, paced to
+        ``max_download_rate``."""
+        limit = self.settings.max_download_rate
+        rate = self.settings.min_transfer_rate
+        if limit:  # our own pacing must never pass for a slow server
+            rate = min(rate, limit / 2)
+        floor = RateFloor(rate, self.settings.stall_timeout)
+        chunk = self._chunk()
+        received = 0
+        for piece in paced(chunks_as_they_come(response.raw, lambda: chunk), limit):
+            received += len(piece)
+            floor.update(received)
+            yield piece
+
     def _range(self, release: Release, start: int, end: int) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of the release, pinned to it with ``If-Match``."""
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if release.etag:
             headers["If-Match"] = release.etag
-        try:
-            response = self.session.get(
-                self.url,
-                headers=headers,
-                stream=True,
-                timeout=self._timeout(),
-                verify=self.verify,
-                cert=self.cert,
-            )
-        except requests.RequestException as exc:
-            raise ServerError(_network_error(exc)) from None
+        response = self._get(headers)
         with response:
             if response.status_code == 412:
                 raise ReleaseChanged("the release changed on the server (412); checking again")
@@ -286,7 +319,7 @@ class Server:
             if not _range_is(response.headers.get("Content-Range", ""), start, end):
                 raise NoDelta("the server answered another range")
             sent = 0
-            for chunk in response.iter_content(self._chunk()):
+            for chunk in self._body(response):
                 sent += len(chunk)
                 if sent > end - start:
                     raise NoDelta("the server sent more than the range")
@@ -339,9 +372,7 @@ class Server:
                 elif isinstance(segment, delta.Copy):
                     yield from delta.local_chunks(base, segment, offset, CHUNK * 16)
                 else:
-                    for chunk in paced(
-                        self._range(release, begin, segment.end), self.settings.max_download_rate
-                    ):
+                    for chunk in self._range(release, begin, segment.end):
                         fetched[0] += len(chunk)
                         yield chunk
 
@@ -367,6 +398,12 @@ class Server:
         log.info("delta of %s done: %d bytes fetched", release.version, fetched[0])
         return Transfer("delta", fetched[0], total)
 
+    def _too_slow(self) -> str:
+        return (
+            f"server too slow: no complete answer within {self.settings.check_timeout:g}s "
+            "(check_timeout)"
+        )
+
     @staticmethod
     def _finish(release: Release, part: Path, hasher: hashlib._Hash) -> None:
         if hasher.digest() != stored_digest(release.digest)[1]:
@@ -390,7 +427,10 @@ def _receive(
     progress: Callable[[int], None],
     cancel: threading.Event,
 ) -> int:
-    """Append ``chunks`` to ``part``, hashing as it goes; the bytes written."""
+    """Append ``chunks`` to ``part``, hashing as it goes; the bytes written.
+
+    Every CHECKPOINT bytes (exactly: pieces are cut there) are made durable and recorded.
+    """
     written = offset
     next_checkpoint = offset + CHECKPOINT
     mode = "r+b" if offset else "wb"
@@ -406,18 +446,22 @@ def _receive(
                 if written + len(chunk) > release.size:
                     raise ServerError(f"server sent more than the announced {release.size} bytes")
                 view = memoryview(chunk)
-                while view:  # raw writes can be short: hash exactly what is on disk
-                    count = file.write(view) or 0
-                    hasher.update(view[:count])
+                while view:
+                    count = file.write(view[: next_checkpoint - written]) or 0
+                    hasher.update(view[:count])  # raw writes can be short: hash what is on disk
                     written += count
                     view = view[count:]
+                    if written >= next_checkpoint:
+                        file.flush()
+                        os.fsync(file.fileno())
+                        partial = partial.model_copy(update={"durable": written})
+                        save_partial(partial)
+                        next_checkpoint = written + CHECKPOINT
                 progress(written)
-                if written >= next_checkpoint:
-                    file.flush()
-                    os.fsync(file.fileno())
-                    partial = partial.model_copy(update={"durable": written})
-                    save_partial(partial)
-                    next_checkpoint = written + CHECKPOINT
+        except TooSlow as exc:
+            raise ServerError(
+                f"server too slow: {exc}, at {written} of {release.size} bytes; will resume"
+            ) from None
         except requests.RequestException as exc:  # before OSError: it is one
             raise ServerError(
                 f"{_network_error(exc)} at {written} of {release.size} bytes; will resume"

@@ -8,6 +8,7 @@ variables > the ``[ota]`` table of the TOML file. Durations take Go spelling
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import ssl
 import tomllib
@@ -33,6 +34,7 @@ from pydantic_settings import (
 )
 
 from connhex_edge_ota.duration import parse_duration
+from connhex_edge_ota.natsauth import NatsAuth, redact
 from connhex_edge_ota.release import UnsafeVersionError, check_version
 
 DEFAULT_CONFIG_PATH = Path("/opt/connhex/configs/agent.toml")
@@ -106,6 +108,8 @@ EXPECTED: dict[str, str] = {
     "connect_timeout": f"{_DURATION_HINT}, greater than zero",
     "stall_timeout": f"{_DURATION_HINT}, greater than zero",
     "hook_timeout": f"{_DURATION_HINT}, greater than zero",
+    "check_timeout": f"{_DURATION_HINT}, greater than zero",
+    "min_transfer_rate": "a number of bytes per second, zero (no floor) or more",
     "free_space_margin": "a number of bytes, zero or more",
     "max_install_attempts": "a whole number, one or more",
     "max_unpacked_size": "a number of bytes, one or more",
@@ -115,7 +119,19 @@ EXPECTED: dict[str, str] = {
     "log_keep": "a whole number, one or more",
     "delta": "'auto' (fetch only the members that changed, when it pays) or 'off'",
     "max_download_rate": "bytes per second, 0 for unlimited",
+    "nats_user": "a NATS user name",
+    "nats_password": "the NATS user's password, a string",
+    "nats_password_file": "the path of an existing file holding the NATS password",
+    "nats_token": "a NATS authentication token, a string",
+    "nats_token_file": "the path of an existing file holding the NATS token",
+    "nats_nkey_file": "the path of an existing NKey seed file",
+    "nats_creds_file": "the path of an existing NATS .creds file",
+    "nats_ca_file": "the path of an existing CA bundle (PEM) for NATS",
+    "nats_cert_file": "the path of an existing client certificate (PEM) for NATS",
+    "nats_key_file": "the path of an existing client key (PEM) for NATS",
 }
+SECRET_KEYS = frozenset({"init_key", "nats_password", "nats_token"})
+"""Keys whose values are never shown, not even in an error."""
 
 
 def _default_nats_url() -> str:
@@ -165,6 +181,10 @@ class OtaSettings(BaseSettings):
     connect_timeout: PositiveDuration = 10.0
     stall_timeout: PositiveDuration = 60.0
     """A transfer that receives no byte for this long fails (and resumes later)."""
+    check_timeout: PositiveDuration = 30.0
+    """Limit for a whole check (HEAD) and for the response headers of a download."""
+    min_transfer_rate: float = Field(default=1024.0, ge=0)
+    """Bytes per second a download must average over each ``stall_timeout``, else it is cut."""
     hook_timeout: PositiveDuration = 30.0
     free_space_margin: int = Field(default=32 * 1024 * 1024, ge=0)
     max_install_attempts: int = Field(default=1, ge=1)
@@ -177,6 +197,18 @@ class OtaSettings(BaseSettings):
     """Rebuild a release from the installed one's unchanged members, fetching only the rest."""
     max_download_rate: int = Field(default=0, ge=0)
     """Bytes per second for downloads (full and delta alike), for metered links; 0: no cap."""
+
+    # NATS authentication; secrets best given by file or environment, never printed.
+    nats_user: str = ""
+    nats_password: SecretStr = SecretStr("")
+    nats_password_file: Path | None = None
+    nats_token: SecretStr = SecretStr("")
+    nats_token_file: Path | None = None
+    nats_nkey_file: Path | None = None
+    nats_creds_file: Path | None = None
+    nats_ca_file: Path | None = None
+    nats_cert_file: Path | None = None
+    nats_key_file: Path | None = None
 
     @field_validator("server_url")
     @classmethod
@@ -216,7 +248,18 @@ class OtaSettings(BaseSettings):
         return value
 
     # Files are read at start: a mistake stops the program now, not after a download.
-    @field_validator("ca_file", "cert_file", "key_file")
+    @field_validator(
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "nats_password_file",
+        "nats_token_file",
+        "nats_nkey_file",
+        "nats_creds_file",
+        "nats_ca_file",
+        "nats_cert_file",
+        "nats_key_file",
+    )
     @classmethod
     def _check_exists(cls, value: Path | None) -> Path | None:
         if value is None:
@@ -268,6 +311,70 @@ class OtaSettings(BaseSettings):
                     f"cert_file: not a usable client certificate and key ({_ssl_reason(exc)})"
                 ) from None
         return self
+
+    @model_validator(mode="after")
+    def _check_nats_auth(self) -> OtaSettings:
+        # Raised as ConfigError, not ValueError: these rules name their own keys.
+        def refuse(key: str, message: str) -> ConfigError:
+            return ConfigError(f"config error: [{TABLE}] {key}: {message}")
+
+        for secret in ("nats_password", "nats_token"):
+            if getattr(self, secret).get_secret_value() and getattr(self, secret + "_file"):
+                raise refuse(secret, f"give {secret} or {secret}_file, not both")
+        if (self.nats_password or self.nats_password_file) and not self.nats_user:
+            raise refuse("nats_password", "needs nats_user")
+        methods = [
+            key
+            for key, given in (
+                ("nats_url", "@" in self.nats_url),
+                ("nats_user", bool(self.nats_user)),
+                ("nats_token", bool(self.nats_token or self.nats_token_file)),
+                ("nats_nkey_file", self.nats_nkey_file is not None),
+                ("nats_creds_file", self.nats_creds_file is not None),
+            )
+            if given
+        ]
+        if len(methods) > 1:
+            raise refuse(
+                methods[-1],
+                f"one way to authenticate to NATS at a time; found {', '.join(methods)}",
+            )
+        if (self.nats_cert_file is None) != (self.nats_key_file is None):
+            missing = "nats_key_file" if self.nats_key_file is None else "nats_cert_file"
+            raise refuse(missing, "missing: nats_cert_file and nats_key_file go together")
+        if self.nats_creds_file is not None:
+            # nats-py reads a file without these markers forever, freezing the event loop.
+            try:
+                creds = self.nats_creds_file.read_text(errors="replace")
+            except OSError as exc:
+                raise refuse("nats_creds_file", f"cannot be read ({exc.strerror})") from None
+            if "BEGIN NATS USER JWT" not in creds or "BEGIN USER NKEY SEED" not in creds:
+                raise refuse("nats_creds_file", "not a .creds file (a user JWT and NKey seed)")
+        try:
+            NatsAuth(ca_file=self.nats_ca_file).tls_context()
+        except (ssl.SSLError, OSError) as exc:
+            raise refuse("nats_ca_file", f"not a usable CA bundle ({exc})") from None
+        try:
+            NatsAuth(cert_file=self.nats_cert_file, key_file=self.nats_key_file).tls_context()
+        except (ssl.SSLError, OSError) as exc:
+            raise refuse("nats_cert_file", f"certificate and key do not load ({exc})") from None
+        for key in ("nats_nkey_file", "nats_creds_file"):
+            if getattr(self, key) is not None and importlib.util.find_spec("nkeys") is None:
+                raise refuse(key, "needs the nkeys package: pip install 'connhex-edge-ota[nkeys]'")
+        return self
+
+    def nats_secret(self, key: str) -> str:
+        """``nats_password`` or ``nats_token``: its value, else the contents of its ``_file``."""
+        path: Path | None = getattr(self, key + "_file")
+        if path is None:
+            secret: SecretStr = getattr(self, key)
+            return secret.get_secret_value()
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"config error: [{TABLE}] {key}_file = {str(path)!r}: cannot be read ({exc})"
+            ) from None
 
     @property
     def store_dir(self) -> Path:
@@ -429,7 +536,10 @@ def _one_line(exc: ValidationError, table: dict[str, Any], overrides: dict[str, 
         where, value = f"environment {env_name}", os.environ[env_name]
     else:
         where, value = "file", table.get(key, error.get("input"))
-    shown = "<secret>" if key == "init_key" else repr(value)
+    if key in SECRET_KEYS:
+        shown = "<secret>"
+    else:
+        shown = repr(redact(value) if isinstance(value, str) else value)
     expected = EXPECTED.get(key, "a valid value")
     source = "" if where == "file" else f" (from {where})"
     return f"config error: [{TABLE}] {key} = {shown}{source}: {message}; expected {expected}"

@@ -41,8 +41,8 @@ class MessageBus(Protocol):
         """Publish ``payload`` on ``subject``; the result is ignored."""
         ...
 
-    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
-        """Answer requests on ``subject``: ``handler`` takes the body, returns the reply."""
+    async def serve(self, subject: str, handler: Callable[[str, bytes], Awaitable[bytes]]) -> None:
+        """Answer requests on ``subject``: ``handler(subject, body)`` returns the reply."""
         ...
 
     async def request(self, subject: str, payload: bytes, timeout: float) -> bytes:

@@ -4,9 +4,11 @@ steps queued in between and heartbeats throughout."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from connhex_edge_ota.schedule import Schedule
 from connhex_edge_ota.service import OtaService, Result
@@ -14,26 +16,39 @@ from connhex_edge_ota.service import OtaService, Result
 log = logging.getLogger(__name__)
 
 
+MAX_QUEUED = 8
+"""Operator steps waiting at most; beyond that a request is answered "busy"."""
+
+
 @dataclass
 class Job:
     """An operator's step, queued behind whatever step runs now."""
 
     verb: str
+    options: dict[str, Any] = field(default_factory=dict)
     done: asyncio.Future[Result] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+    @property
+    def key(self) -> str:
+        """Requests with the same key are the same step: they share one run."""
+        return json.dumps([self.verb, self.options], sort_keys=True)
 
 
 class UpdateLoop:
     """Runs one service's steps one at a time, on schedule or on request."""
 
-    def __init__(self, service: OtaService) -> None:
+    def __init__(self, service: OtaService, max_queued: int = MAX_QUEUED) -> None:
         self.service = service
+        self.max_queued = max_queued
         settings = service.settings
         self.schedule = Schedule(
             settings.check_interval, settings.check_jitter, settings.retry_floor
         )
-        self._jobs: asyncio.Queue[Job] = asyncio.Queue()
+        self._jobs: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queued)
+        self._pending: dict[str, Job] = {}
+        """Queued and running jobs by key, for requests that join them."""
 
     async def cycle(self) -> float:
         """One automatic round; the delay before the next one, from what each step returned."""
@@ -48,14 +63,29 @@ class UpdateLoop:
             return self.schedule.after_success()
         return self.schedule.after_failure(failure.retry_after, failure.permanent)
 
-    def submit(self, verb: str) -> Job:
-        """Queue an operator's step; its result arrives on ``job.done``."""
-        job = Job(verb)
-        self._jobs.put_nowait(job)
+    def submit(self, verb: str, options: dict[str, Any] | None = None) -> Job | None:
+        """Queue an operator's step; its result arrives on ``job.done``.
+
+        The same step already queued or running is joined instead (its job is
+        returned); ``None`` when ``max_queued`` steps wait already.
+        """
+        job = Job(verb, options or {})
+        joined = self._pending.get(job.key)
+        if joined is not None:
+            return joined
+        try:
+            self._jobs.put_nowait(job)
+        except asyncio.QueueFull:
+            return None
+        self._pending[job.key] = job
         return job
 
     async def _run_job(self, job: Job) -> None:
-        result = await self.service.operator_step(job.verb)
+        try:
+            result = await self.service.operator_step(job.verb)
+        finally:
+            if self._pending.get(job.key) is job:
+                del self._pending[job.key]
         if not job.done.done():
             job.done.set_result(result)
 

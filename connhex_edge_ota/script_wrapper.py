@@ -49,25 +49,42 @@ def copy(source: BinaryIO, log: BinaryIO, limit: int) -> None:
     room = limit - keep_last
     dropping = False
     dropped_lines = 0
+    dropped_bytes = 0
+    ends_line = True
+    """The kept part ends with a whole line."""
     last = bytearray()
     while chunk := source.read1(64 * 1024):  # type: ignore[attr-defined]
         if not dropping:
             if len(chunk) <= room:
                 log.write(chunk)
                 room -= len(chunk)
+                ends_line = chunk.endswith(b"\n")
                 continue
             cut = chunk.rfind(b"\n", 0, room) + 1  # whole lines only
-            log.write(chunk[:cut])
+            if cut:
+                log.write(chunk[:cut])
+                ends_line = True
             chunk = chunk[cut:]
             dropping = True
         dropped_lines += chunk.count(b"\n")
+        dropped_bytes += len(chunk)
         last += chunk
         del last[: max(0, len(last) - keep_last)]
     if dropping:
-        start = last.find(b"\n") + 1 if len(last) >= keep_last else 0
+        cut_line = not ends_line  # a line begun in the kept part ends in the dropped one
+        ended = dropped_lines > 0  # some dropped line ended (else all is one line)
+        newline = last.find(b"\n")
+        if cut_line or len(last) >= keep_last:  # start the shown part at a whole line
+            start = newline + 1 if newline >= 0 else len(last)
+        else:
+            start = 0
         shown = bytes(last[start:])
-        dropped_lines -= shown.count(b"\n")
-        log.write(b"[output truncated: %d lines left out]\n" % dropped_lines + shown)
+        dropped_lines = max(0, dropped_lines - shown.count(b"\n") - cut_line)
+        remainder_only = cut_line and newline < 0 and (dropped_bytes == len(last) or not ended)
+        if not shown and last and not last.endswith(b"\n") and not remainder_only:
+            dropped_lines += 1  # an unfinished last line, dropped whole
+        note = b"[output truncated: %d lines left out]\n" % dropped_lines
+        log.write((b"\n" if cut_line else b"") + note + shown)
 
 
 def main(argv: list[str]) -> int:

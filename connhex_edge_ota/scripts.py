@@ -154,9 +154,9 @@ async def run_script(
         raise
     finally:
         ended.set()
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(reader), 1.0)
-        reader.cancel()
+        # The log is bounded (LOG_LIMIT and a tail): read it to its end, so the echo and
+        # the error's last lines are the script's own last lines.
+        await reader
     code = process.returncode
     if code is not None and code < 0:
         result.signal = -code

@@ -123,6 +123,8 @@ class ReleaseFolder:
     digest_form: str = "content-digest"
     """One of DIGEST_FORMS: how HEAD and GET state the release's digest."""
     requests: list[Seen] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    """Sent with every answer that describes the release (e.g. ``Min-Version``)."""
     _cache: dict[tuple[Path, float, int], Published] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -279,6 +281,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(*digest)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Disposition", f'attachment; filename="{release.path.name}"')
+        for key, value in self.server.releases.headers.items():
+            self.send_header(key, value)
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         self.end_headers()

@@ -20,6 +20,7 @@ from connhex_edge_ota import killpoints
 from connhex_edge_ota.calls import in_thread
 from connhex_edge_ota.client import ReleaseChanged, Server, ServerError
 from connhex_edge_ota.config import OtaSettings
+from connhex_edge_ota.constraints import refusal
 from connhex_edge_ota.hooks import Hooks
 from connhex_edge_ota.installer import Installer, Outcome
 from connhex_edge_ota.release import Release
@@ -199,8 +200,26 @@ class OtaService:
             await self._report(StatusName.UPDATED)
             return Result(True, note=f"already up to date: {self.state.current_version}")
         self.journal.take_offer(offer)
-        await self._report_offer()
+        release = self.journal.release()
+        assert release is not None
+        if await self._constrained(release) is None:
+            await self._report_offer()
         return Result(True)
+
+    async def _constrained(self, release: Release) -> Result | None:
+        """A refusal when the server's Min-/Max-Version exclude the running version, else None.
+
+        Such a release is neither downloaded nor installed: ``update_available``
+        with the constraint as ``error``.
+        """
+        reason = refusal(
+            release.version, self.state.current_version, release.min_version, release.max_version
+        )
+        if not reason:
+            return None
+        if (self.state.status, self.state.error) != (StatusName.UPDATE_AVAILABLE, reason):
+            await self._report(StatusName.UPDATE_AVAILABLE, reason)
+        return Result(False, reason)
 
     async def _report_offer(self) -> None:
         offer = self.state.offer
@@ -246,6 +265,8 @@ class OtaService:
         release = self.journal.release()
         if release is None:
             return Result(False, "no update to download")
+        if (refused := await self._constrained(release)) is not None:
+            return refused
         if self.state.ready:
             return Result(True, note=f"{release.version} is downloaded and verified")
         found = await self.hooks.veto_download(release)
@@ -331,6 +352,8 @@ class OtaService:
         release = self.journal.release()
         if release is None:
             return Result(False, "no update to install")
+        if (refused := await self._constrained(release)) is not None:
+            return refused
         if not operator and self.gave_up_on(release.version):
             return Result(False, f"{release.version} failed before; not retried automatically")
         if not self.state.ready:

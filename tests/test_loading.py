@@ -219,7 +219,7 @@ def test_the_reference_bus_is_a_message_bus_with_request(nats_server: NatsServer
         assert isinstance(bus, Bus)
         stop = asyncio.Event()
 
-        async def echo(body: bytes) -> bytes:
+        async def echo(_subject: str, body: bytes) -> bytes:
             return b"echo:" + body
 
         await bus.serve("test.echo", echo)  # before connecting: applied once connected

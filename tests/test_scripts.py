@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from connhex_edge_ota import scripts
+from connhex_edge_ota import script_wrapper, scripts
 from connhex_edge_ota.scripts import prune_logs, run_script
 
 
@@ -93,3 +96,45 @@ def test_a_short_output_is_shown_whole_and_a_line_without_newline_too(
     shown = [r.getMessage() for r in caplog.records if r.name == "connhex_edge_ota.scripts"]
     assert shown == ["update.sh: one", "update.sh: two", "update.sh: three"]
     assert result.describe() == "update.sh exited with 4: one | two | three"
+
+
+class _Trickle:
+    """A pipe that gives what a read asks for in pieces of the sizes a test chooses."""
+
+    def __init__(self, data: bytes, pieces: list[int]) -> None:
+        self.data, self.pos, self.pieces = data, 0, pieces or [1]
+
+    def read1(self, size: int) -> bytes:
+        take = min(size, self.pieces[self.pos % len(self.pieces)])
+        out = self.data[self.pos : self.pos + take]
+        self.pos += len(out)
+        return out
+
+
+@given(
+    lines=st.lists(st.integers(0, 150), max_size=300),
+    final_newline=st.booleans(),
+    limit=st.integers(200, 6000),
+    pieces=st.lists(st.integers(1, 5000), min_size=1, max_size=8),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_wrapper_keeps_whole_lines_and_counts_what_it_drops(
+    lines: list[int], final_newline: bool, limit: int, pieces: list[int]
+) -> None:
+    """Whatever the reads: kept lines + counted lines + last lines == the output's lines."""
+    data = b"\n".join(b"x" * n for n in lines) + (b"\n" if final_newline and lines else b"")
+    out = io.BytesIO()
+    script_wrapper.copy(_Trickle(data, pieces), out, limit)  # type: ignore[arg-type]
+    log = out.getvalue()
+
+    def count(text: bytes) -> int:
+        return text.count(b"\n") + (1 if text and not text.endswith(b"\n") else 0)
+
+    if b"[output truncated: " not in log:
+        assert log == data
+        return
+    kept, rest = log.split(b"[output truncated: ", 1)
+    left_out, last = rest.split(b" lines left out]\n", 1)
+    assert kept.endswith(b"\n") and data.endswith(last)
+    assert count(kept) + int(left_out) + count(last) == count(data)
+    assert len(log) <= limit + 64

@@ -57,6 +57,7 @@ EXPECTED: dict[str, str] = {
     "check_interval": f"{_DURATION_HINT}, greater than zero",
     "check_jitter": _DURATION_HINT,
     "retry_floor": f"{_DURATION_HINT}, greater than zero",
+    "startup_delay": _DURATION_HINT,
     "server_url": "an http:// or https:// URL such as 'https://apis.example.com'",
     "init_id": "the device's initialization ID, a non-empty string without '/'",
     "init_key": "the device's initialization key, a string",
@@ -124,6 +125,8 @@ class OtaSettings(BaseSettings):
     """Random delay added to each check, at most 10% of ``check_interval``."""
     retry_floor: PositiveDuration = 30.0
     """Shortest wait before retrying after a failure."""
+    startup_delay: Duration = 5.0
+    """The first check comes within this long after start-up, at the device's own phase."""
     connect_timeout: PositiveDuration = 10.0
     stall_timeout: PositiveDuration = 60.0
     """A transfer that receives no byte for this long fails (and resumes later)."""

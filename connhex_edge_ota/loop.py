@@ -31,9 +31,7 @@ class UpdateLoop:
     def __init__(self, service: OtaService) -> None:
         self.service = service
         settings = service.settings
-        self.schedule = Schedule(
-            settings.check_interval, settings.check_jitter, settings.retry_floor
-        )
+        self.schedule = Schedule.for_device(settings)
         self._jobs: asyncio.Queue[Job] = asyncio.Queue()
 
     async def cycle(self) -> float:
@@ -91,7 +89,7 @@ class UpdateLoop:
 
     async def _work(self) -> None:
         await self.service.recover()
-        next_round = time.monotonic()
+        next_round = time.monotonic() + self.schedule.first()
         while True:
             try:
                 job = await asyncio.wait_for(

@@ -7,11 +7,12 @@ variables > the ``[ota]`` table of the TOML file. Durations take Go spelling
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -31,6 +32,9 @@ from pydantic_settings import (
 )
 
 from connhex_edge_ota.duration import parse_duration
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 DEFAULT_CONFIG_PATH = Path("/opt/connhex/configs/agent.toml")
 ENV_PREFIX = "CONNHEX_OTA_"
@@ -203,7 +207,14 @@ class OtaSettings(BaseSettings):
         # load_settings passes the file as a private init argument: the path is
         # known only at run time, while sources are chosen per class.
         toml_file = init_settings.init_kwargs.pop("_toml_file", None)  # type: ignore[attr-defined]
-        return (*sources, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return (*sources, _ParsedToml(settings_cls, toml_file=toml_file))
+
+
+class _ParsedToml(TomlConfigSettingsSource):
+    """The TOML source, through :func:`read_toml`: the file is parsed once, not per look."""
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        return read_toml(Path(str(file_path)))
 
 
 def config_path(given: str | Path | None = None) -> Path:
@@ -214,15 +225,27 @@ def config_path(given: str | Path | None = None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
+_parsed: dict[Path, tuple[bytes, dict[str, Any]]] = {}
+"""The last document parsed per path: start-up looks at agent.toml about ten times."""
+
+
 def read_toml(path: Path) -> dict[str, Any]:
-    """The whole TOML document at ``path`` ({} when missing); ConfigError when unreadable."""
+    """The whole TOML document at ``path`` ({} when missing); ConfigError when unreadable.
+
+    Parsed once per content: a later call reads the bytes again (so an edited file
+    is seen) and returns a copy of the parsed document when they did not change.
+    """
     try:
-        with path.open("rb") as file:
-            return tomllib.load(file)
+        data = path.read_bytes()
+        cached = _parsed.get(path)
+        if cached is None or cached[0] != data:
+            cached = (data, tomllib.loads(data.decode()))
+            _parsed[path] = cached
     except FileNotFoundError:
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config error: {path}: {exc}") from None
+    return copy.deepcopy(cached[1])
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

@@ -36,8 +36,15 @@ unit: install-test
 
 test: lint types unit
 
+# Each script installs what it lacks (nginx, mender-client, mender-artifact, time: apt-get,
+# as root) and prints its figures beside a baseline measured in the same run.
+BENCH_RUNS ?= 3
 bench: install-test
-	$(BIN)/python bench/download.py
+	$(BIN)/python bench/fleet.py
+	BENCH_RUNS=$(BENCH_RUNS) $(BIN)/python bench/startup.py
+	BENCH_RUNS=$(BENCH_RUNS) $(BIN)/python bench/download.py
+	BENCH_RUNS=$(BENCH_RUNS) $(BIN)/python bench/update.py
+	$(BIN)/python bench/resume.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

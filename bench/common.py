@@ -23,7 +23,7 @@ from connhex_edge_ota.natsserver import free_port
 MIB = 1024 * 1024
 TIME = "/usr/bin/time"
 """GNU time: a small parent whose child's peak RSS is the command's own."""
-RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 """Runs per figure; the median is printed."""
 
 

@@ -31,8 +31,10 @@ lint: install-test
 types: install-test
 	$(BIN)/mypy
 
+# The suite mostly waits on real agents, servers and scripts: workers overlap the waits.
+PYTEST_WORKERS ?= 4
 unit: install-test
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS)
 
 test: lint types unit
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
+from collections.abc import Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from connhex_edge_ota.config import load_settings
 from connhex_edge_ota.schedule import Schedule, phase_of
+from connhex_edge_ota.testing import OtaAgent, StatusWatcher
 
 durations = st.floats(min_value=0.1, max_value=7 * 86400)
 phases = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
@@ -161,3 +164,14 @@ def test_the_next_moment_is_strictly_later_and_at_most_an_interval_away(
     moment = schedule.next_moment(now)
     assert now < moment <= now + interval * (1 + 1e-9) + 1e-6
     assert not math.isnan(moment)
+
+
+def test_the_agent_waits_its_phase_of_the_startup_delay_before_the_first_check(
+    ota_agent: Callable[..., OtaAgent], statuses: StatusWatcher
+) -> None:
+    delay = phase_of("test-device") * 2.0  # the fixture's init_id: about 1.1 s
+    assert delay > 0.5
+    started = time.monotonic()
+    ota_agent(startup_delay="2s")
+    statuses.wait_status("checking")
+    assert time.monotonic() - started >= delay - 0.05

@@ -2,11 +2,12 @@
 
 nginx serves one zip at ``/iot/ota/<id>`` with the headers of the device API
 (``Version``, ``Content-Digest``, its own ``ETag`` and ``Range``). Measured as whole
-processes, medians of ``BENCH_RUNS`` (5): the OTA client's ``Server.check`` +
+processes, medians of ``BENCH_RUNS`` (3): the OTA client's ``Server.check`` +
 ``Server.download`` (HEAD, streaming GET with ``If-Match``, hashing, fsync
 checkpoints, size and digest verified, atomic rename) in a fresh Python, and
-``curl -s -o`` of the same URL (no verification, no fsync) and ``curl | sha256sum``
-style (curl -o then ``sha256sum``). Prints wall, CPU, peak RSS and the ratios.
+``curl -s -o`` of the same URL (no verification, no fsync), then ``curl`` followed by
+``sync`` (the file durable, as the agent's is) and by ``sha256sum`` (verified).
+Prints wall, CPU, peak RSS and the ratios.
 Falls back to the project's own release server when nginx cannot be installed.
 Usage: ``python bench/download.py [--size-mib 1024]``.
 """
@@ -98,7 +99,14 @@ def main() -> None:
                         ["sh", "-c", script, "sh", str(root / "curl.zip"), f"{url}/iot/ota/b"]
                     )
 
+                def curl_durable() -> Usage:
+                    script = f'{curl} -s -o "$1" "$2" && sync "$1"'
+                    return measure(
+                        ["sh", "-c", script, "sh", str(root / "curl.zip"), f"{url}/iot/ota/b"]
+                    )
+
                 mine = median_usage(ours)
+                durable = median_usage(curl_durable) if curl else None
                 base = median_usage(plain_curl) if curl else None
                 base_sha = median_usage(curl_sha) if curl else None
             finally:
@@ -111,16 +119,22 @@ def main() -> None:
         f"median of {RUNS}:"
     )
     print(f"  {'':<28} {'wall s':>8} {'CPU s':>8} {'peak RSS MiB':>13} {'MiB/s':>8}")
-    rows = [("connhex-edge-ota", mine), ("curl -s -o", base), ("curl -s -o + sha256sum", base_sha)]
+    rows = [
+        ("connhex-edge-ota", mine),
+        ("curl -s -o", base),
+        ("curl -s -o + sync", durable),
+        ("curl -s -o + sha256sum", base_sha),
+    ]
     for name, usage in rows:
         if usage is not None:
             print(
                 f"  {name:<28} {usage.wall:>8.2f} {usage.cpu:>8.2f} {usage.rss:>13.1f} "
                 f"{release_size / usage.wall:>8.0f}"
             )
-    if base is not None and base_sha is not None:
+    if base is not None and base_sha is not None and durable is not None:
         print(
             f"  ratio of wall time: {ratio(mine.wall, base.wall)} curl -s -o (goal 1.0x), "
+            f"{ratio(mine.wall, durable.wall)} curl + sync (what is on disk for sure), "
             f"{ratio(mine.wall, base_sha.wall)} curl + sha256sum; "
             f"peak RSS {ratio(mine.rss, base.rss)} curl's"
         )

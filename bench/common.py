@@ -28,7 +28,13 @@ RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 
 
 def ensure(binary: str, package: str) -> str | None:
-    """The path of ``binary``, installing Debian's ``package`` first when missing (as root)."""
+    """The path of ``binary``, installing Debian's ``package`` first when missing (as root).
+
+    ``BENCH_WITHOUT=nginx,mender`` pretends those are missing, to try the fallbacks.
+    """
+    if binary in os.environ.get("BENCH_WITHOUT", "").split(","):
+        print(f"bench: {binary} left out (BENCH_WITHOUT)")
+        return None
     found = shutil.which(binary) or next(
         (p for p in (f"/usr/sbin/{binary}", f"/usr/bin/{binary}") if os.access(p, os.X_OK)), None
     )
@@ -187,6 +193,32 @@ def nginx_endpoint(release: Path, version: str) -> Iterator[str | None]:
         try:
             wait_listening(port)
             yield url
+        finally:
+            process.terminate()
+            process.wait()
+
+
+@contextmanager
+def endpoint(release: Path, version: str) -> Iterator[tuple[str, str]]:
+    """(URL, which server) of ``release`` at ``/iot/ota/<id>``: nginx when it can be had,
+    else the project's own release server in a child process (and the output says so)."""
+    with nginx_endpoint(release, version) as url:
+        if url is not None:
+            yield url, "nginx"
+            return
+    with tempfile.TemporaryDirectory(prefix="ota-bench-serve-") as tmp:
+        folder = Path(tmp)
+        shutil.copyfile(release, folder / "release.zip")
+        (folder / "release.zip.version").write_text(version)
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "connhex_edge_ota", "--log-level", "ERROR", "serve",
+             str(folder), "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_listening(port)
+            yield f"http://127.0.0.1:{port}", "the project's release server (no nginx)"
         finally:
             process.terminate()
             process.wait()

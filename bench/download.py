@@ -8,7 +8,7 @@ checkpoints, size and digest verified, atomic rename) in a fresh Python, and
 ``curl -s -o`` of the same URL (no verification, no fsync), then ``curl`` followed by
 ``sync`` (the file durable, as the agent's is) and by ``sha256sum`` (verified).
 Prints wall, CPU, peak RSS and the ratios.
-Falls back to the project's own release server when nginx cannot be installed.
+Falls back to the project's own release server when nginx cannot be installed (and says so).
 Usage: ``python bench/download.py [--size-mib 1024]``.
 """
 
@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import MIB, RUNS, Usage, make_release, measure, median_usage, nginx_endpoint, ratio
-
-from connhex_edge_ota.natsserver import free_port
+from common import MIB, RUNS, Usage, endpoint, ensure, make_release, measure, median_usage, ratio
 
 CLIENT = """
 import sys, threading
@@ -44,80 +41,38 @@ server.download(release, partial, lambda p: None, lambda n: None, threading.Even
 """
 
 
-def own_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "connhex_edge_ota",
-            "--log-level",
-            "ERROR",
-            "serve",
-            str(folder),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    from common import wait_listening
-
-    wait_listening(port)
-    return process, f"http://127.0.0.1:{port}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024)
     args = parser.parse_args()
-    curl = shutil.which("curl")
+    curl = ensure("curl", "curl")
     with tempfile.TemporaryDirectory(prefix="ota-bench-dl-", dir="/var/tmp") as tmp:
         root = Path(tmp)
         releases = root / "releases"
         releases.mkdir()
         release = make_release(releases, args.size_mib)
-        with nginx_endpoint(release, "2.0.0") as nginx_url:
-            server = None
-            if nginx_url is None:
-                print("bench: nginx unavailable; using the project's own release server")
-                server, url = own_server(releases)
-            else:
-                url = nginx_url
-            try:
+        with endpoint(release, "2.0.0") as (url, served_by):
 
-                def ours() -> Usage:
-                    shutil.rmtree(root / "opt", ignore_errors=True)
-                    return measure([sys.executable, "-c", CLIENT, url, str(root / "opt")])
+            def ours() -> Usage:
+                shutil.rmtree(root / "opt", ignore_errors=True)
+                return measure([sys.executable, "-c", CLIENT, url, str(root / "opt")])
 
-                def plain_curl() -> Usage:
-                    assert curl
-                    return measure([curl, "-s", "-o", str(root / "curl.zip"), f"{url}/iot/ota/b"])
+            def plain_curl() -> Usage:
+                assert curl
+                return measure([curl, "-s", "-o", str(root / "curl.zip"), f"{url}/iot/ota/b"])
 
-                def curl_sha() -> Usage:
-                    script = f'{curl} -s -o "$1" "$2" && sha256sum "$1" >/dev/null'
-                    return measure(
-                        ["sh", "-c", script, "sh", str(root / "curl.zip"), f"{url}/iot/ota/b"]
-                    )
+            def curl_then(command: str) -> Usage:
+                script = f'{curl} -s -o "$1" "$2" && {command} "$1" >/dev/null'
+                return measure(
+                    ["sh", "-c", script, "sh", str(root / "curl.zip"), f"{url}/iot/ota/b"]
+                )
 
-                def curl_durable() -> Usage:
-                    script = f'{curl} -s -o "$1" "$2" && sync "$1"'
-                    return measure(
-                        ["sh", "-c", script, "sh", str(root / "curl.zip"), f"{url}/iot/ota/b"]
-                    )
-
-                mine = median_usage(ours)
-                durable = median_usage(curl_durable) if curl else None
-                base = median_usage(plain_curl) if curl else None
-                base_sha = median_usage(curl_sha) if curl else None
-            finally:
-                if server is not None:
-                    server.terminate()
-                    server.wait()
+            mine = median_usage(ours)
+            base = median_usage(plain_curl) if curl else None
+            durable = median_usage(lambda: curl_then("sync")) if curl else None
+            base_sha = median_usage(lambda: curl_then("sha256sum")) if curl else None
     size = release_size = args.size_mib
-    print(
-        f"download + verify {size} MiB from {'nginx' if nginx_url else 'the project server'}, "
-        f"median of {RUNS}:"
-    )
+    print(f"download + verify {size} MiB from {served_by}, median of {RUNS}:")
     print(f"  {'':<28} {'wall s':>8} {'CPU s':>8} {'peak RSS MiB':>13} {'MiB/s':>8}")
     rows = [
         ("connhex-edge-ota", mine),

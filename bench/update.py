@@ -36,11 +36,11 @@ from common import (
     agent_command,
     agent_config,
     bare_agent_env,
+    endpoint,
     ensure,
     make_release,
     measure,
     median_usage,
-    nginx_endpoint,
     ratio,
     sha256_of,
     write_payload,
@@ -161,10 +161,7 @@ def main() -> None:
             info.write_text("artifact_name=bench-1.0.0\n")
         try:
             results: dict[str, Usage] = {}
-            with nginx_endpoint(release, VERSION) as found:
-                if found is None:
-                    raise SystemExit("bench: the whole-update comparison needs nginx")
-                url = found
+            with endpoint(release, VERSION) as (url, served_by):
                 results["connhex-edge-ota run"] = median_usage(
                     lambda: agent_update(root, url, nats.url, dest)
                 )
@@ -191,8 +188,7 @@ def main() -> None:
                     results["curl+sha256sum+unzip+cp"] = median_usage(shell)
             if mender is not None:
                 artifact, command = mender
-                with nginx_endpoint(artifact, VERSION) as murl:
-                    assert murl is not None
+                with endpoint(artifact, VERSION) as (murl, _):
 
                     def mender_update() -> Usage:
                         shutil.rmtree(dest, ignore_errors=True)
@@ -218,14 +214,16 @@ def main() -> None:
                 folder = root / f"rss-{size}"
                 folder.mkdir()
                 sized = make_release(folder, size, dest)
-                with nginx_endpoint(sized, VERSION) as sized_url:
-                    assert sized_url is not None
+                with endpoint(sized, VERSION) as (sized_url, _):
                     rss[size] = agent_update(folder, sized_url, nats.url, dest)
                 sized.unlink()
         finally:
             if made_info:
                 info.unlink()
-    print(f"whole update of a {args.size_mib} MiB single-file payload, median of {RUNS}:")
+    print(
+        f"whole update of a {args.size_mib} MiB single-file payload from {served_by}, "
+        f"median of {RUNS}:"
+    )
     print(f"  {'':<28} {'wall s':>8} {'CPU s':>8} {'peak RSS MiB':>13}")
     for name, usage in results.items():
         print(f"  {name:<28} {usage.wall:>8.2f} {usage.cpu:>8.2f} {usage.rss:>13.1f}")

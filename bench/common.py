@@ -274,9 +274,14 @@ def bare_agent_env() -> dict[str, str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds a running process's threads have used so far (ns resolution)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):  # a thread that just ended
+            continue
+    return total / 1e9
 
 
 def ratio(ours: float, base: float) -> str:

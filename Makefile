@@ -31,8 +31,10 @@ lint: install-test
 types: install-test
 	$(BIN)/mypy
 
+# The suite mostly waits on real agents, servers and scripts: workers overlap the waits.
+PYTEST_WORKERS ?= 4
 unit: install-test
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS)
 
 test: lint types unit
 
@@ -41,8 +43,15 @@ test: lint types unit
 reliability-report: install-test
 	$(BIN)/python tools/reliability_report.py
 
+# Each script installs what it lacks (nginx, mender-client, mender-artifact, time: apt-get,
+# as root) and prints its figures beside a baseline measured in the same run.
+BENCH_RUNS ?= 3
 bench: install-test
-	$(BIN)/python bench/download.py
+	$(BIN)/python bench/fleet.py
+	BENCH_RUNS=$(BENCH_RUNS) $(BIN)/python bench/startup.py
+	BENCH_RUNS=$(BENCH_RUNS) $(BIN)/python bench/download.py
+	BENCH_RUNS=$(BENCH_RUNS) $(BIN)/python bench/update.py
+	$(BIN)/python bench/resume.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,30 +1,29 @@
-"""Download speed and peak memory of the OTA client, against curl on the same server.
+"""Download + verify of a release from nginx emulating the device endpoint, against curl.
 
-Prints, for a 10 MiB and a 1 GiB release: wall time and peak RSS of
-``Server.download`` (streaming, hashing, fsync checkpoints) in a child process,
-and of ``curl -o`` fetching the same URL, with the ratios. Peak memory must not
-grow with the release size. Usage: ``python bench/download.py [--sizes 10,1024]``.
+nginx serves one zip at ``/iot/ota/<id>`` with the headers of the device API
+(``Version``, ``Content-Digest``, its own ``ETag`` and ``Range``). Measured as whole
+processes, medians of ``BENCH_RUNS`` (3): the OTA client's ``Server.check`` +
+``Server.download`` (HEAD, streaming GET with ``If-Match``, hashing, fsync
+checkpoints, size and digest verified, atomic rename) in a fresh Python, and
+``curl -s -o`` of the same URL (no verification, no fsync), then ``curl`` followed by
+``sync`` (the file durable, as the agent's is) and by ``sha256sum`` (verified).
+Prints wall, CPU, peak RSS and the ratios.
+Falls back to the project's own release server when nginx cannot be installed (and says so).
+Usage: ``python bench/download.py [--size-mib 1024]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
-import zipfile
 from pathlib import Path
 
-from connhex_edge_ota.natsserver import free_port
-
-MIB = 1024 * 1024
+from common import MIB, RUNS, Usage, endpoint, ensure, make_release, measure, median_usage, ratio
 
 CLIENT = """
-import sys, threading, time
-from pathlib import Path
+import sys, threading
 from connhex_edge_ota.client import Server
 from connhex_edge_ota.config import load_settings
 from connhex_edge_ota.store import Partial, Store
@@ -42,86 +41,59 @@ server.download(release, partial, lambda p: None, lambda n: None, threading.Even
 """
 
 
-def make_release(folder: Path, size_mib: int) -> Path:
-    path = folder / f"fw-{size_mib}.zip"
-    block = os.urandom(MIB)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("update.sh", "true\n")
-        with archive.open("payload.bin", "w", force_zip64=True) as payload:
-            for _ in range(size_mib):
-                payload.write(block)
-    return path
-
-
-def measure(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of ``command``."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _pid, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{command[0]} failed")
-    return elapsed, usage.ru_maxrss
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="10,1024", help="release sizes in MiB")
+    parser.add_argument("--size-mib", type=int, default=1024)
     args = parser.parse_args()
-    curl = shutil.which("curl")
-    with tempfile.TemporaryDirectory(prefix="ota-bench-") as tmp:
+    curl = ensure("curl", "curl")
+    with tempfile.TemporaryDirectory(prefix="ota-bench-dl-", dir="/var/tmp") as tmp:
         root = Path(tmp)
-        results = []
-        for size in (int(s) for s in args.sizes.split(",")):
-            releases = root / f"releases-{size}"
-            releases.mkdir()
-            release = make_release(releases, size)
-            port = free_port()
-            server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "connhex_edge_ota",
-                    "--log-level",
-                    "ERROR",
-                    "serve",
-                    str(releases),
-                    "--port",
-                    str(port),
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-            url = f"http://127.0.0.1:{port}"
-            try:
-                time.sleep(1.0)
-                ours = measure([sys.executable, "-c", CLIENT, url, str(root / f"opt-{size}")])
-                base = (
-                    measure(
-                        [curl, "-sf", "-o", str(root / f"curl-{size}.zip"), f"{url}/iot/ota/bench"]
-                    )
-                    if curl
-                    else (float("nan"), 0)
+        releases = root / "releases"
+        releases.mkdir()
+        release = make_release(releases, args.size_mib)
+        with endpoint(release, "2.0.0") as (url, served_by):
+
+            def ours() -> Usage:
+                shutil.rmtree(root / "opt", ignore_errors=True)
+                return measure([sys.executable, "-c", CLIENT, url, str(root / "opt")])
+
+            def plain_curl() -> Usage:
+                assert curl
+                return measure([curl, "-s", "-o", str(root / "curl.zip"), f"{url}/iot/ota/b"])
+
+            def curl_then(command: str) -> Usage:
+                script = f'{curl} -s -o "$1" "$2" && {command} "$1" >/dev/null'
+                return measure(
+                    ["sh", "-c", script, "sh", str(root / "curl.zip"), f"{url}/iot/ota/b"]
                 )
-            finally:
-                server.terminate()
-                server.wait()
-            results.append((size, release.stat().st_size, ours, base))
-            shutil.rmtree(releases)
+
+            mine = median_usage(ours)
+            base = median_usage(plain_curl) if curl else None
+            durable = median_usage(lambda: curl_then("sync")) if curl else None
+            base_sha = median_usage(lambda: curl_then("sha256sum")) if curl else None
+    size = release_size = args.size_mib
+    print(f"download + verify {size} MiB from {served_by}, median of {RUNS}:")
+    print(f"  {'':<28} {'wall s':>8} {'CPU s':>8} {'peak RSS MiB':>13} {'MiB/s':>8}")
+    rows = [
+        ("connhex-edge-ota", mine),
+        ("curl -s -o", base),
+        ("curl -s -o + sync", durable),
+        ("curl -s -o + sha256sum", base_sha),
+    ]
+    for name, usage in rows:
+        if usage is not None:
+            print(
+                f"  {name:<28} {usage.wall:>8.2f} {usage.cpu:>8.2f} {usage.rss:>13.1f} "
+                f"{release_size / usage.wall:>8.0f}"
+            )
+    if base is not None and base_sha is not None and durable is not None:
         print(
-            f"{'size':>8} {'ours s':>8} {'curl s':>8} {'time ratio':>10} "
-            f"{'ours MiB/s':>10} {'ours peak RSS':>14} {'curl peak RSS':>14}"
+            f"  ratio of wall time: {ratio(mine.wall, base.wall)} curl -s -o (goal 1.0x), "
+            f"{ratio(mine.wall, durable.wall)} curl + sync (what is on disk for sure), "
+            f"{ratio(mine.wall, base_sha.wall)} curl + sha256sum; "
+            f"peak RSS {ratio(mine.rss, base.rss)} curl's"
         )
-        for size, nbytes, (t, rss), (bt, brss) in results:
-            print(
-                f"{size:>5}MiB {t:>8.2f} {bt:>8.2f} {t / bt:>10.2f} {nbytes / MIB / t:>10.1f} "
-                f"{rss / 1024:>11.1f}MiB {brss / 1024:>11.1f}MiB"
-            )
-        if len(results) > 1:
-            small, large = results[0][2][1], results[-1][2][1]
-            print(
-                f"peak RSS growth from {results[0][0]} MiB to {results[-1][0]} MiB: "
-                f"{(large - small) / 1024:+.1f} MiB ({large / small:.2f}x)"
-            )
+    print(f"  (release of {size * MIB} bytes)")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ variables > the ``[ota]`` table of the TOML file. Durations take Go spelling
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 import os
 import ssl
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -36,6 +37,9 @@ from pydantic_settings import (
 from connhex_edge_ota.duration import parse_duration
 from connhex_edge_ota.natsauth import NatsAuth, redact
 from connhex_edge_ota.release import UnsafeVersionError, check_version
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 DEFAULT_CONFIG_PATH = Path("/opt/connhex/configs/agent.toml")
 CONFIG_ENV = "CONNHEX_AGENT_CONFIG"
@@ -91,6 +95,7 @@ EXPECTED: dict[str, str] = {
     "check_interval": f"{_DURATION_HINT}, greater than zero",
     "check_jitter": _DURATION_HINT,
     "retry_floor": f"{_DURATION_HINT}, greater than zero",
+    "startup_delay": _DURATION_HINT,
     "server_url": "an http:// or https:// URL such as 'https://apis.example.com'",
     "init_id": "the device's initialization ID, a non-empty string without '/'",
     "init_key": "the device's initialization key, Latin-1 text without control characters",
@@ -178,6 +183,8 @@ class OtaSettings(BaseSettings):
     """Random delay added to each check, at most 10% of ``check_interval``."""
     retry_floor: PositiveDuration = 30.0
     """Shortest wait before retrying after a failure."""
+    startup_delay: Duration = 5.0
+    """The first check comes within this long after start-up, at the device's own phase."""
     connect_timeout: PositiveDuration = 10.0
     stall_timeout: PositiveDuration = 60.0
     """A transfer that receives no byte for this long fails (and resumes later)."""
@@ -415,7 +422,14 @@ class OtaSettings(BaseSettings):
         # load_settings passes the file as a private init argument: the path is
         # known only at run time, while sources are chosen per class.
         toml_file = init_settings.init_kwargs.pop("_toml_file", None)  # type: ignore[attr-defined]
-        return (*sources, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return (*sources, _ParsedToml(settings_cls, toml_file=toml_file))
+
+
+class _ParsedToml(TomlConfigSettingsSource):
+    """The TOML source, through :func:`read_toml`: the file is parsed once, not per look."""
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        return read_toml(Path(str(file_path)))
 
 
 def config_path(given: str | Path | None = None) -> Path:
@@ -439,15 +453,27 @@ def named_config(given: str | Path | None = None) -> Path:
     return path
 
 
+_parsed: dict[Path, tuple[bytes, dict[str, Any]]] = {}
+"""The last document parsed per path: start-up looks at agent.toml about ten times."""
+
+
 def read_toml(path: Path) -> dict[str, Any]:
-    """The whole TOML document at ``path`` ({} when missing); ConfigError when unreadable."""
+    """The whole TOML document at ``path`` ({} when missing); ConfigError when unreadable.
+
+    Parsed once per content: a later call reads the bytes again (so an edited file
+    is seen) and returns a copy of the parsed document when they did not change.
+    """
     try:
-        with path.open("rb") as file:
-            return tomllib.load(file)
+        data = path.read_bytes()
+        cached = _parsed.get(path)
+        if cached is None or cached[0] != data:
+            cached = (data, tomllib.loads(data.decode()))
+            _parsed[path] = cached
     except FileNotFoundError:
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config error: {path}: {exc}") from None
+    return copy.deepcopy(cached[1])
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

@@ -70,6 +70,7 @@ def write_config(
             auto_download = true
             auto_install = true
             check_interval = '24h0m0s'
+            startup_delay = '0s'
             heartbeat_interval = '2s'
             server_url = '{server_url}'
             init_id = 'demo-device'

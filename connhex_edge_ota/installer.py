@@ -50,12 +50,6 @@ from connhex_edge_ota.scripts import (
     run_script,
     script_environment,
 )
-from connhex_edge_ota.signing import (
-    KeyFileError,
-    check_identity,
-    load_public_key,
-    verified_manifest,
-)
 from connhex_edge_ota.state import Journal, Phase
 from connhex_edge_ota.store import Store, boot_id
 
@@ -105,6 +99,14 @@ class Installer:
         members = check_archive(release.path, self.limits())
         expected = None
         if self.settings.public_key:
+            # Here, not at the top: cryptography costs start-up time when nothing is signed.
+            from connhex_edge_ota.signing import (
+                KeyFileError,
+                check_identity,
+                load_public_key,
+                verified_manifest,
+            )
+
             try:
                 key = load_public_key(self.settings.public_key)
             except KeyFileError as exc:

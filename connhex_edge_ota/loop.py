@@ -43,9 +43,7 @@ class UpdateLoop:
         self.service = service
         self.max_queued = max_queued
         settings = service.settings
-        self.schedule = Schedule(
-            settings.check_interval, settings.check_jitter, settings.retry_floor
-        )
+        self.schedule = Schedule.for_device(settings)
         self._jobs: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queued)
         self._pending: dict[str, Job] = {}
         """Queued and running jobs by key, for requests that join them."""
@@ -113,7 +111,7 @@ class UpdateLoop:
 
     async def _work(self) -> None:
         await self.service.recover()  # never raises: a failure is reported as a status
-        next_round = time.monotonic()
+        next_round = time.monotonic() + self.schedule.first()
         while True:
             try:
                 job = await asyncio.wait_for(

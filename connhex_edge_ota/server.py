@@ -25,6 +25,9 @@ from connhex_edge_ota.digest import SHA256, SHA512, format_digest
 
 log = logging.getLogger(__name__)
 
+STOP_POLL = 0.02
+"""Seconds between the background server's looks at a stop request."""
+
 _VERSION_IN_NAME = re.compile(r"^(?:.*?[-_])?v?(\d[^/]*)$")
 
 
@@ -340,8 +343,9 @@ class ReleaseServer:
         return self.releases.faults
 
     def start(self) -> ReleaseServer:
+        # A short poll: stop() waits for the loop to see the request (0.5 s by default).
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="release-server", daemon=True
+            target=self.httpd.serve_forever, args=(STOP_POLL,), name="release-server", daemon=True
         )
         self._thread.start()
         return self

@@ -353,6 +353,7 @@ def ota_agent(
             "check_interval": "1h",
             "heartbeat_interval": "1s",
             "retry_floor": "200ms",
+            "startup_delay": "0s",
             "stall_timeout": "5s",
             "free_space_margin": 0,
         }

@@ -108,6 +108,7 @@ def test_embed_example_runs_the_addon_in_another_host(
                 "install_dir": str(tmp_path / "opt"),
                 "initial_version": "1.0.0",
                 "free_space_margin": 0,
+                "startup_delay": "0s",
             }
         },
     )

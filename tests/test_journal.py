@@ -88,7 +88,9 @@ def lying_sizes(path: Path, ran: Path) -> Path:
 
 @pytest.mark.reliability
 @pytest.mark.parametrize(
-    "craft", [bad_crc, unsupported_method, local_header_disagrees, lying_sizes], ids=str
+    "craft",
+    [bad_crc, unsupported_method, local_header_disagrees, lying_sizes],
+    ids=lambda craft: craft.__name__,
 )
 def test_corrupt_archive_is_refused_before_anything_runs_and_counted(
     craft: Callable[[Path, Path], Path],

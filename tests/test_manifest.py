@@ -42,7 +42,9 @@ def test_config_table_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(config["defaults"]) == fields - unset
     for key, declared in config["defaults"].items():
         actual = getattr(settings, key)
-        if isinstance(declared, str) and key.endswith(("interval", "timeout", "jitter", "floor")):
+        if isinstance(declared, str) and key.endswith(
+            ("interval", "timeout", "jitter", "floor", "delay")
+        ):
             assert parse_duration(declared) == actual, key
             assert format_duration(actual) == declared, key
         else:

@@ -33,7 +33,8 @@ class Health:
 
         self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/health"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # A short poll: shutdown() waits for the loop to notice (0.5 s by default).
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -51,7 +52,7 @@ from connhex_edge_ota.scripts import (
     script_environment,
 )
 from connhex_edge_ota.state import Journal, Phase
-from connhex_edge_ota.store import Store, boot_id
+from connhex_edge_ota.store import Store, boot_id, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +123,23 @@ class Installer:
             free = shutil.disk_usage(self.store.root).free
         if free < need:
             raise NoSpace(f"no space to unpack: {need} bytes needed, {free} free")
+        self.store.current_version_file.unlink(missing_ok=True)  # current/ is changing
         try:
             unpack(release.path, members, self.store.current, expected)
+            # The scripts about to be recorded as "unpacked" must survive a power cut.
+            os.sync()
+            write_atomic(self.store.current_version_file, release.version.encode())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace("no space left on device while unpacking") from None
             raise
+
+    def _unpacked_version(self) -> str:
+        """The version whose files ``current/`` holds ("" when unknown or half-made)."""
+        try:
+            return self.store.current_version_file.read_text()
+        except OSError:
+            return ""
 
     def _record(self, transition: Callable[[], object]) -> None:
         """Write a phase that announces a step; the step does not run unless it is written."""
@@ -155,7 +167,7 @@ class Installer:
         try:
             await in_thread(self._check_and_unpack, release)
         except NoSpace as exc:
-            self.journal.abandon_install()
+            self.journal.abandon_install(interrupted=False)
             return Outcome(False, f"{exc}; will try again", transient=True)
         except ArchiveError as exc:
             return Outcome(False, f"release refused: {exc}")
@@ -167,13 +179,13 @@ class Installer:
         try:
             self._record(self.journal.unpacked)
         except NotRecorded as exc:
-            self.journal.abandon_install()
+            self.journal.abandon_install(interrupted=False)
             return Outcome(False, str(exc), transient=True)
         killpoints.reached("install_unpacked")
         try:
             result = await self._run(UPDATE_SCRIPT, release, Phase.SCRIPT_STARTED)
         except NotRecorded as exc:
-            self.journal.abandon_install()
+            self.journal.abandon_install(interrupted=False)
             return Outcome(False, str(exc), transient=True)
         return await self._script_ended(release, result.code, result.ok, result.describe())
 
@@ -223,7 +235,15 @@ class Installer:
             prune_logs(self.store.logs, self.settings.log_keep)
 
     async def _fail(self, release: Release, error: str) -> Outcome:
-        """Run the new release's rollback.sh when it has one; the version stays."""
+        """Run the new release's rollback.sh when it has one; the version stays.
+
+        Only the release's own: when ``current/`` holds another version's files
+        (a state.json restored from elsewhere ...), no script runs for it.
+        """
+        if self._unpacked_version() != release.version:
+            return Outcome(
+                False, f"{error}; rollback.sh not run: current/ is not {release.version}"
+            )
         if not (self.store.current / ROLLBACK_SCRIPT).is_file():
             return Outcome(False, error)
         self._note(lambda: self.journal.rolling_back(error))
@@ -250,6 +270,8 @@ class Installer:
                 return None
             if not isinstance(recorded, int):
                 await self._kill_left_over(record.pgid, record.start_ticks, record.boot_id)
+                recorded = read_exit(self.store.exit_file(UPDATE_SCRIPT))  # ended meanwhile?
+            if not isinstance(recorded, int):
                 return await self._fail(release, INTERRUPTED)
             ok = recorded in (0, EXIT_RESTART)
             error = f"update.sh exited with {recorded} (while the agent was stopped)"

@@ -45,9 +45,12 @@ class ScriptResult:
     timeout: float = 0.0
     tail: list[str] = field(default_factory=list)
 
+    wrapper_died: bool = False
+    """The wrapper ended before recording the script's end: a failure, its group killed."""
+
     @property
     def ok(self) -> bool:
-        return self.code in (0, EXIT_RESTART) and not self.timed_out
+        return self.code in (0, EXIT_RESTART) and not self.timed_out and not self.wrapper_died
 
     @property
     def restart(self) -> bool:
@@ -56,11 +59,22 @@ class ScriptResult:
     def describe(self) -> str:
         if self.timed_out:
             what = f"{self.script} timed out after {format_duration(self.timeout)}"
+        elif self.wrapper_died:
+            how = f"signal {signal_name(self.signal)}" if self.signal else f"code {self.code}"
+            what = f"{self.script} stopped: its wrapper was ended by {how}"
         elif self.signal is not None:
-            what = f"{self.script} killed by signal {signal.Signals(self.signal).name}"
+            what = f"{self.script} killed by signal {signal_name(self.signal)}"
         else:
             what = f"{self.script} exited with {self.code}"
         return f"{what}: {' | '.join(self.tail)}" if self.tail else what
+
+
+def signal_name(number: int) -> str:
+    """``KILL`` for 9; the number itself for a signal without a name (real-time ones)."""
+    try:
+        return signal.Signals(number).name.removeprefix("SIG")
+    except ValueError:
+        return str(number)
 
 
 def script_environment(
@@ -151,6 +165,9 @@ async def run_script(
         await _kill_group(process)
     except asyncio.CancelledError:
         await _kill_group(process, grace=0.5)  # the agent is stopping: be quick
+        # Stopped by us, not ended by itself: its status is no result, and the next
+        # start finds the script "interrupted", as after a kill -9.
+        exit_file.unlink(missing_ok=True)
         raise
     finally:
         ended.set()
@@ -162,6 +179,12 @@ async def run_script(
         result.signal = -code
     else:
         result.code = code
+    if not result.timed_out and read_exit(exit_file) is None:
+        # The wrapper died before the script ended (the script killed it ...): the
+        # script may still run, so its group ends now, and this is a failure.
+        result.wrapper_died = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
     result.tail = list(tail)
     killpoints.reached(f"{stage}_exited")
     return result
@@ -216,14 +239,19 @@ def kill_recorded_group(pgid: int, ticks: int) -> bool:
 
 
 async def _kill_group(process: asyncio.subprocess.Process, grace: float = KILL_GRACE) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            await asyncio.wait_for(process.wait(), wait)
-            return
-        except TimeoutError:
-            continue
+    """SIGTERM to the script's group, ``grace`` seconds to end, then SIGKILL to the group.
+
+    The wrapper stays through SIGTERM (to record the script's end); whatever
+    ignored it, or outlived the script in its group, ends with the SIGKILL.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), 5.0)
 
 
 ECHO_FIRST = 20

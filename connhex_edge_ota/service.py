@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 Reporter = Callable[[Status], Awaitable[None]]
 ProgressPrinter = Callable[[int, int], None]
+MAX_INTERRUPTIONS = 3
+"""Installs cut before update.sh started (a crash while unpacking ...) before a version is
+given up like a failed one: one cut does not count, a crash loop does."""
+MAX_RECOVERIES = 3
+"""Starts that find the same install interrupted before recovery stops running its scripts."""
+
 _FAILURE_LEVELS = {
     StatusName.CHECK_FAILED: logging.WARNING,  # retried with backoff
     StatusName.DOWNLOAD_FAILED: logging.WARNING,  # resumed later
@@ -141,7 +147,13 @@ class OtaService:
     # steps
 
     def gave_up_on(self, version: str) -> bool:
-        return self.journal.failed_attempts(version) >= self.settings.max_install_attempts
+        failure = self.state.failures.get(version)
+        if failure is None:
+            return False
+        return (
+            failure.attempts >= self.settings.max_install_attempts
+            or failure.interrupted >= MAX_INTERRUPTIONS
+        )
 
     def wants_download(self) -> bool:
         """An automatic round downloads: enabled, an offer not yet here, not given up on."""
@@ -176,7 +188,17 @@ class OtaService:
             error = f"{name} failed: {type(exc).__name__}: {exc}"
             install = self.state.install
             if install is not None and name != "recover":
-                self.journal.record_failure(install.version, error)
+                if install.phase in (Phase.UNPACKING, Phase.UNPACKED):
+                    self.journal.abandon_install()  # nothing of it ran
+                else:  # update.sh may have run: finish by the journal, as a restart would
+                    try:
+                        recovered = await self._recover()
+                    except Exception:
+                        log.exception("finishing %s by its journal failed", install.version)
+                    else:
+                        return recovered if recovered.ok else Result(False, recovered.error)
+                    if self.state.install is not None:
+                        self.journal.record_failure(install.version, error)
             try:
                 await self._report(failed, error)
             except Exception:
@@ -420,12 +442,23 @@ class OtaService:
         release = (
             self.journal.release() if offer and offer.version == interrupted.version else None
         ) or Release(version=interrupted.version, size=0, digest="")
+        if interrupted.recoveries >= MAX_RECOVERIES:
+            # Its scripts keep killing the agent (a rollback.sh that reboots ...): stop here.
+            error = (
+                f"recovery of {interrupted.version} interrupted {interrupted.recoveries} "
+                "times; given up, nothing more is run"
+            )
+            self.journal.record_failure(interrupted.version, error)
+            await self._report(StatusName.UPDATE_FAILED, error)
+            return Result(False, error)
+        self.journal.begin_recovery()
         if interrupted.phase not in (Phase.UNPACKING, Phase.UNPACKED):
             await self._report(StatusName.UPDATING)
         try:
             outcome = await self.installer.recover(release)
-        except BaseException:
-            # A recovery that cannot finish must not be tried at every start.
+        except Exception:
+            # A recovery that cannot finish must not be tried at every start. A stop
+            # (CancelledError) is not a failure: the next start recovers by the same phase.
             self.journal.record_failure(interrupted.version, "recovery failed")
             raise
         if outcome is None:  # nothing of it ran: installed again by the next round

@@ -112,6 +112,8 @@ class Install(BaseModel):
     """Why the install failed (phase ``rolling_back``), or the failed health check."""
     restart: bool = False
     """``update.sh`` exited 10: the agent restarts once the install is finished."""
+    recoveries: int = Field(default=0, ge=0)
+    """Starts that found this install interrupted: a recovery that keeps dying is given up."""
 
     _check_version = field_validator("version")(_version)
     _check_previous = field_validator("previous_version")(_optional_version)
@@ -138,6 +140,8 @@ class Failure(BaseModel):
 
     attempts: int = Field(default=0, ge=0)
     error: str = ""
+    interrupted: int = Field(default=0, ge=0)
+    """Attempts cut before update.sh started (not failures, unless they keep happening)."""
 
 
 class State(BaseModel):
@@ -358,10 +362,28 @@ class Journal:
         """The install failed with ``error``; ``rollback.sh`` is next."""
         self._phase(Phase.ROLLING_BACK, error=error, pgid=0, start_ticks=0)
 
-    def abandon_install(self) -> None:
-        """Nothing of the release ran: forget the attempt without counting it."""
+    def abandon_install(self, interrupted: bool = True) -> None:
+        """Nothing of the release ran: forget the attempt.
+
+        An ``interrupted`` one (found at a start) is counted apart from failures: only
+        repeated ones add up (a crash loop while unpacking). No room to unpack, or no
+        way to record a phase, is not counted at all.
+        """
+        record = self.state.install
+        if record is not None and interrupted:
+            failure = self.state.failures.setdefault(record.version, Failure())
+            failure.interrupted += 1
+            failure.error = f"interrupted {failure.interrupted} time(s) before update.sh started"
         self.state.install = None
         self.save_quietly()
+
+    def begin_recovery(self) -> int:
+        """Count a start that found the install interrupted; how many did so far."""
+        record = self.state.install
+        assert record is not None
+        self.state.install = record.model_copy(update={"recoveries": record.recoveries + 1})
+        self.save_quietly()
+        return record.recoveries + 1
 
     def finish_install(self, release: Release) -> None:
         """``release`` runs now: one write sets the version and forgets the install."""

@@ -6,6 +6,7 @@ Layout::
     lock                  held (flock) by the one process that may download or install
     downloads/V.zip       a verified release; V.zip.part while it downloads
     current/              the unpacked release being (or last) installed
+    current.version       whose files current/ holds (absent while it changes)
     installed.zip         the release zip installed last: the base of the next delta
     update.sh.exit        the exit status of the last update.sh (rollback.sh.exit alike)
     logs/V.log            output of update.sh / rollback.sh for version V
@@ -70,6 +71,8 @@ class Store:
         self.downloads = root / "downloads"
         self.current = root / "current"
         self.logs = root / "logs"
+        self.current_version_file = root / "current.version"
+        """Which release's files ``current/`` holds, written once it is whole."""
         self.installed_zip = root / "installed.zip"
         """The release zip installed last, kept for the next delta (dropped when space is short)."""
         self._lock_file: IO[bytes] | None = None

@@ -208,6 +208,7 @@ def test_a_recovery_that_fails_is_reported_and_the_loop_goes_on(
     store = tmp_path / "opt-connhex" / ".store" / "ota"
     (store / "current").mkdir(parents=True)
     (store / "current" / "rollback.sh").write_text("true\n")
+    (store / "current.version").write_text("2.0.0")
     (store / "logs" / "2.0.0.log").mkdir(parents=True)  # rollback.sh's log cannot be opened
     record = install_record(phase="script_exited", code=3, error="update.sh exited with 3")
     state = {"current_version": "1.0.0", "install": record}

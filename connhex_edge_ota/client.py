@@ -577,7 +577,7 @@ def _offer(response: requests.Response) -> Offer:
     except UnsafeVersionError as exc:
         raise ServerError(f"refused release: {exc}") from None
     length = headers.get("Content-Length", "").strip()
-    if not length.isdigit() or len(length) > 18:  # digits only: no sign, no exponent
+    if not (length.isascii() and length.isdigit()) or len(length) > 18:  # no sign, no "²"
         shown = f": {length[:20]!r}" if length else ""
         raise ServerError(f"refused release {version}: invalid Content-Length{shown}")
     size = int(length)

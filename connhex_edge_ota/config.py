@@ -63,9 +63,15 @@ def _bounded(seconds: float) -> float:
     return seconds
 
 
+MIN_DURATION = 0.01
+"""Shortest period or time limit accepted: "1ns" would make a busy loop or a flood."""
+
+
 def _positive(seconds: float) -> float:
     if seconds <= 0:
         raise ValueError("must be greater than zero")
+    if seconds < MIN_DURATION:
+        raise ValueError("shorter than 10ms")
     return seconds
 
 
@@ -92,9 +98,9 @@ _DURATION_HINT = (
 EXPECTED: dict[str, str] = {
     "auto_download": "true or false",
     "auto_install": "true or false",
-    "check_interval": f"{_DURATION_HINT}, greater than zero",
+    "check_interval": f"{_DURATION_HINT}, at least 10ms",
     "check_jitter": _DURATION_HINT,
-    "retry_floor": f"{_DURATION_HINT}, greater than zero",
+    "retry_floor": f"{_DURATION_HINT}, at least 10ms",
     "startup_delay": _DURATION_HINT,
     "server_url": "an http:// or https:// URL such as 'https://apis.example.com'",
     "init_id": "the device's initialization ID, a non-empty string without '/'",
@@ -104,16 +110,16 @@ EXPECTED: dict[str, str] = {
     "key_file": "the path of an existing client key (PEM)",
     "install_dir": "an absolute directory path",
     "nats_url": "a NATS URL such as 'nats://127.0.0.1:4222'",
-    "heartbeat_interval": f"{_DURATION_HINT}, greater than zero",
-    "install_timeout": f"{_DURATION_HINT}, greater than zero",
+    "heartbeat_interval": f"{_DURATION_HINT}, at least 10ms",
+    "install_timeout": f"{_DURATION_HINT}, at least 10ms",
     "public_key": "a path to an Ed25519 .pub file, or the key inline (PEM or base64)",
     "initial_version": "a version string (at most 128 bytes, Latin-1, no '/', '..' or control "
     "characters)",
     "model": "the device type that signed releases must name, a string ('' = any)",
-    "connect_timeout": f"{_DURATION_HINT}, greater than zero",
-    "stall_timeout": f"{_DURATION_HINT}, greater than zero",
-    "hook_timeout": f"{_DURATION_HINT}, greater than zero",
-    "check_timeout": f"{_DURATION_HINT}, greater than zero",
+    "connect_timeout": f"{_DURATION_HINT}, at least 10ms",
+    "stall_timeout": f"{_DURATION_HINT}, at least 10ms",
+    "hook_timeout": f"{_DURATION_HINT}, at least 10ms",
+    "check_timeout": f"{_DURATION_HINT}, at least 10ms",
     "min_transfer_rate": "a number of bytes per second, zero (no floor) or more",
     "free_space_margin": "a number of bytes, zero or more",
     "max_install_attempts": "a whole number, one or more",

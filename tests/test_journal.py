@@ -232,8 +232,9 @@ def test_a_recovery_that_fails_is_reported_and_the_loop_goes_on(
         ({"Content-Length": "1e3"}, "refused release 9.0.0: invalid Content-Length: '1e3'"),
         ({"Version": "é" * 128}, "refused release: version longer than 128 bytes"),
         ({"Version": "1.0\x7f"}, "holds a control character"),
+        ({"Content-Length": "\u00b2"}, "refused release 9.0.0: invalid Content-Length"),
     ],
-    ids=["negative-length", "exponent-length", "long-version", "control-version"],
+    ids=["negative-length", "exponent-length", "long-version", "control-version", "superscript"],
 )
 def test_headers_that_make_no_offer_are_check_failed(
     headers: dict[str, str],
@@ -257,6 +258,7 @@ def test_headers_that_make_no_offer_are_check_failed(
         ("stall_timeout = '1e10'", "[ota] stall_timeout = '1e10'"),
         ("connect_timeout = '3000000h'", "[ota] connect_timeout = '3000000h'"),
         ("check_interval = 1e300", "[ota] check_interval = 1e+300"),
+        ("heartbeat_interval = '1ns'", "[ota] heartbeat_interval = '1ns': shorter than 10ms"),
         ("init_key = 'ключ'", "[ota] init_key = <secret>"),
         ("initial_version = 'версия'", "[ota] initial_version = 'версия'"),
         ("initial_version = '" + "x" * 129 + "'", "[ota] initial_version"),

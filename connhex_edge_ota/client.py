@@ -133,24 +133,7 @@ class Server:
     def check(self, current_version: str) -> Offer | None:
         """The release the server offers, or ``None`` when there is nothing new."""
         headers = {"Version": current_version} if current_version else {}
-        deadline = Deadline(self.settings.check_timeout)
-        try:
-            with deadline:
-                response = self.session.head(
-                    self.url,
-                    headers=headers,
-                    timeout=self._timeout(),
-                    allow_redirects=True,
-                    verify=self.verify,
-                    cert=self.cert,
-                )
-        except requests.RequestException as exc:
-            if deadline.expired:
-                raise ServerError(self._too_slow()) from None
-            raise ServerError(_network_error(exc)) from None
-        if deadline.expired:  # a cut in the headers can pass for a short, complete answer
-            response.close()
-            raise ServerError(self._too_slow())
+        response = self._send("HEAD", headers)
         with response:
             if response.status_code in (204, 304):
                 return None
@@ -216,7 +199,7 @@ class Server:
         headers = {"If-Match": release.etag} if release.etag else {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        response = self._get(headers)
+        response = self._send("GET", headers)
         with response:
             if response.status_code == 412:
                 part.unlink(missing_ok=True)
@@ -266,16 +249,19 @@ class Server:
         rate = self.settings.max_download_rate
         return min(CHUNK, max(1024, rate // 10)) if rate else CHUNK
 
-    def _get(self, headers: dict[str, str]) -> requests.Response:
-        """A streamed GET whose status line and headers must come within ``check_timeout``."""
+    def _send(self, method: str, headers: dict[str, str]) -> requests.Response:
+        """A request whose status line and headers must come within ``check_timeout``
+        (a GET's body is streamed: :meth:`_body` bounds it)."""
         deadline = Deadline(self.settings.check_timeout)
         try:
             with deadline:
-                response = self.session.get(
+                response = self.session.request(
+                    method,
                     self.url,
                     headers=headers,
-                    stream=True,
+                    stream=method == "GET",
                     timeout=self._timeout(),
+                    allow_redirects=True,
                     verify=self.verify,
                     cert=self.cert,
                 )
@@ -308,7 +294,7 @@ class Server:
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if release.etag:
             headers["If-Match"] = release.etag
-        response = self._get(headers)
+        response = self._send("GET", headers)
         with response:
             if response.status_code == 412:
                 raise ReleaseChanged("the release changed on the server (412); checking again")

@@ -115,7 +115,7 @@ def killed(agent: OtaAgent) -> None:
     assert agent.process.wait(60) == -signal.SIGKILL, agent.output()[-2000:]
 
 
-# 1-2. A clean stop (systemctl restart, reboot) while a recovery runs.
+# 1-2. A clean stop (systemctl restart, reboot) or a kill -9 while a script or a recovery runs.
 
 
 def test_a_stop_during_the_recovery_rollback_keeps_the_install_and_reruns_it(
@@ -156,6 +156,73 @@ def test_a_stop_during_the_recovery_rollback_keeps_the_install_and_reruns_it(
     assert "old-rollback" not in marks(tmp_path)
     state, _ = load_state(Store(store_root(tmp_path)))
     assert state.install is None and state.current_version == "1.0.0"
+
+
+def test_a_stop_during_update_sh_ends_its_group_and_the_restart_rolls_back_once(
+    ota_agent: StartAgent,
+    release_server: ReleaseServer,
+    make_release: MakeRelease,
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while update.sh runs: its group ends, the next start rolls back once, interrupted."""
+    running_release(tmp_path)
+    update_pid = tmp_path / "update.pid"
+    release_server.releases.publish(
+        new_release(
+            tmp_path,
+            make_release,
+            update=f'echo $$ > "{update_pid}"\n' + nap_once(tmp_path, "update") + "echo done\n",
+        )
+    )
+    first = ota_agent(auto_install=True)
+    wait_until(lambda: "update-napping" in marks(tmp_path), 30)
+    assert first.stop(timeout=20) == 0
+    assert not alive(int(update_pid.read_text()))
+    state, _ = load_state(Store(store_root(tmp_path)))
+    assert state.install is not None and state.install.phase == Phase.SCRIPT_STARTED
+
+    after = statuses.mark()
+    ota_agent(auto_install=True)
+    final = statuses.wait_status(FAILED, after=after, timeout=60)
+    assert final.error == "interrupted; rolled back" and final.current_version == "1.0.0"
+    assert marks(tmp_path) == ["update", "update-napping", "new-rollback"]
+
+
+def test_kill_9_during_update_sh_then_during_its_recovery_rollback(
+    ota_agent: StartAgent,
+    release_server: ReleaseServer,
+    make_release: MakeRelease,
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    """kill -9 in update.sh, then in recovery's rollback.sh: that rollback is killed and rerun."""
+    running_release(tmp_path)
+    rollback_pids = tmp_path / "rollback.pids"
+    release_server.releases.publish(
+        new_release(
+            tmp_path,
+            make_release,
+            update="sleep 60\n",
+            rollback=f'echo $$ >> "{rollback_pids}"\n'
+            + nap_once(tmp_path, "rollback")
+            + mark(tmp_path, "rollback-done"),
+        )
+    )
+    killed(ota_agent(auto_install=True, env={killpoints.ENV: "script_running"}))
+    killed(ota_agent(auto_install=True, env={killpoints.ENV: "rollback_running"}))
+    wait_until(lambda: "rollback-napping" in marks(tmp_path), 30)  # left running, napping
+    left_running = int(rollback_pids.read_text().split()[0])
+
+    after = statuses.mark()
+    ota_agent(auto_install=True)
+    final = statuses.wait_status(FAILED, after=after, timeout=60)
+    assert final.error == "interrupted; rollback interrupted, run again; rolled back"
+    assert final.current_version == "1.0.0"
+    assert not alive(left_running)  # its group was provably the rollback's: killed
+    assert marks(tmp_path).count("update") == 1
+    assert marks(tmp_path).count("new-rollback") == 2
+    assert marks(tmp_path).count("rollback-done") == 1
 
 
 def test_a_stop_during_the_recovery_health_check_asks_it_again(

@@ -575,6 +575,8 @@ def test_an_unexpected_error_after_update_sh_ran_is_finished_by_the_journal(
     running_release(tmp_path)
     breaks_log = (
         'LOG="$CHX_OTA_PAYLOAD_DIR/../logs/$CHX_OTA_VERSION_TARGET.log"\n'
+        # Once the wrapper's copier has the log open (it would create it again otherwise).
+        'echo log-is-open\nwhile ! grep -q log-is-open "$LOG"; do sleep 0.05; done\n'
         'rm -f "$LOG"; mkdir "$LOG"\nexit 3\n'
     )
     release_server.releases.publish(new_release(tmp_path, make_release, update=breaks_log))

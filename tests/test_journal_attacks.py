@@ -270,7 +270,9 @@ def test_a_stop_during_the_recovery_health_check_asks_it_again(
 # 3. update.sh kills its wrapper.
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, 40], ids=["KILL", "realtime-40"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, 40], ids=["wrapper-killed-by-KILL", "wrapper-killed-by-signal-40"]
+)
 def test_update_sh_that_kills_its_wrapper_fails_and_its_group_dies(
     sig: int,
     ota_agent: StartAgent,
@@ -471,7 +473,11 @@ def write_journal(tmp_path: Path, install: dict[str, object]) -> None:
     (store_root(tmp_path) / "state.json").write_text(json.dumps(state))
 
 
-@pytest.mark.parametrize("edit", ["wrong-ticks", "other-boot", "provably-its-group"])
+@pytest.mark.parametrize(
+    "edit",
+    ["wrong-ticks", "other-boot", "provably-its-group"],
+    ids=["group-with-wrong-start-ticks", "group-of-another-boot", "group-provably-the-scripts"],
+)
 def test_a_recorded_group_is_killed_only_when_provably_the_scripts(
     edit: str,
     sleeper: subprocess.Popen[bytes],
@@ -508,7 +514,9 @@ def test_a_recorded_group_is_killed_only_when_provably_the_scripts(
         assert sleeper.poll() is None
 
 
-@pytest.mark.parametrize("version_file", [None, "1.0.0"], ids=["no-current.version", "1.0.0"])
+@pytest.mark.parametrize(
+    "version_file", [None, "1.0.0"], ids=["no-current.version", "current.version-1.0.0"]
+)
 @pytest.mark.parametrize(
     "install",
     [
@@ -516,7 +524,7 @@ def test_a_recorded_group_is_killed_only_when_provably_the_scripts(
         {"phase": "script_exited", "code": 3, "error": "update.sh exited with 3"},
         {"phase": "rolling_back", "error": "update.sh exited with 3"},
     ],
-    ids=lambda install: str(install["phase"]),
+    ids=lambda install: f"journal-2.0.0-{install['phase']}",
 )
 def test_a_journal_naming_another_release_never_runs_the_running_ones_rollback(
     install: dict[str, object],

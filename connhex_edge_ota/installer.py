@@ -187,6 +187,10 @@ class Installer:
         except NotRecorded as exc:
             self.journal.abandon_install(interrupted=False)
             return Outcome(False, str(exc), transient=True)
+        except OSError as exc:  # its log cannot be written: update.sh has not started
+            self.journal.abandon_install(interrupted=False)
+            reason = f"cannot write the script log: {exc.strerror or exc}; will try again"
+            return Outcome(False, reason, transient=True)
         return await self._script_ended(release, result.code, result.ok, result.describe())
 
     async def _script_ended(

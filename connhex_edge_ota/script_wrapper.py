@@ -135,7 +135,8 @@ def _copier_process(output: int, told: int, log_file: str, limit: int) -> None:
         copier = Copier(log, limit)
         while True:
             if tell_now[0] and not copier.closed:
-                copier.close()
+                with contextlib.suppress(OSError):
+                    copier.close()
                 os.write(told, b"!")
             ready, _, _ = select.select([output], [], [], 0.1)
             if not ready:
@@ -143,8 +144,12 @@ def _copier_process(output: int, told: int, log_file: str, limit: int) -> None:
             chunk = os.read(output, 64 * 1024)
             if not chunk:
                 break
-            copier.feed(chunk)
-        copier.close()
+            try:
+                copier.feed(chunk)
+            except OSError:  # the log cannot grow (a full disk): drain, never break the pipe
+                copier.closed = True
+        with contextlib.suppress(OSError):
+            copier.close()
         with contextlib.suppress(OSError):
             os.write(told, b"!")
 

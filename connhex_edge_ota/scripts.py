@@ -114,9 +114,16 @@ async def run_script(
     """
     result = ScriptResult(script=script, timeout=timeout)
     exit_file.unlink(missing_ok=True)
-    with log_path.open("ab") as log_file:
-        log_file.write(f"--- {script}\n".encode())
-        offset = log_file.tell()
+    try:
+        with log_path.open("ab") as log_file:
+            log_file.write(f"--- {script}\n".encode())
+            offset = log_file.tell()
+    except OSError as exc:
+        if stage != "rollback":
+            raise  # update.sh does not start without its log
+        # A rollback runs even where its log cannot be kept (a full disk): it is the safe side.
+        log.warning("%s runs without a log: %s: %s", script, log_path, exc.strerror or exc)
+        log_path, offset = Path(os.devnull), 0
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-I",  # isolated, no site: the agent's environment and packages stay out

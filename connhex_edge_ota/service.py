@@ -456,10 +456,12 @@ class OtaService:
             await self._report(StatusName.UPDATING)
         try:
             outcome = await self.installer.recover(release)
-        except Exception:
+        except Exception as exc:
             # A recovery that cannot finish must not be tried at every start. A stop
             # (CancelledError) is not a failure: the next start recovers by the same phase.
-            self.journal.record_failure(interrupted.version, "recovery failed")
+            self.journal.record_failure(
+                interrupted.version, f"recovery failed: {type(exc).__name__}: {exc}"
+            )
             raise
         if outcome is None:  # nothing of it ran: installed again by the next round
             return Result(True)

@@ -181,13 +181,14 @@ def test_an_unexpected_error_in_install_is_a_status_and_the_loop_goes_on(
     tmp_path: Path,
 ) -> None:
     """An unexpected exception in a step: logged once at ERROR, a failure status, loop alive."""
-    release_server.releases.publish(make_release("8.0.0"))
-    logs = tmp_path / "opt-connhex" / ".store" / "ota" / "logs"
-    (logs / "8.0.0.log").mkdir(parents=True)  # the script log cannot be opened
+    # update.sh makes rollback.sh's exit file a folder: the rollback cannot even start.
+    breaks = 'mkdir "$CHX_OTA_PAYLOAD_DIR/../rollback.sh.exit"\nexit 3\n'
+    release_server.releases.publish(make_release("8.0.0", update_sh=breaks, rollback_sh="true\n"))
     agent = ota_agent(auto_install=True)
     failed = statuses.wait_status("update_failed")
     assert failed.error.startswith("install failed: IsADirectoryError")
     assert agent.output().count("ERROR connhex_edge_ota.service: install failed unexpectedly") == 1
+    assert "finishing 8.0.0 by its journal failed" in agent.output()  # recovery was tried
     reply = statuses.request("status")
     assert reply["ok"] is True and reply["status"]["status"] == "update_failed"
     mark = statuses.mark()
@@ -209,13 +210,14 @@ def test_a_recovery_that_fails_is_reported_and_the_loop_goes_on(
     (store / "current").mkdir(parents=True)
     (store / "current" / "rollback.sh").write_text("true\n")
     (store / "current.version").write_text("2.0.0")
-    (store / "logs" / "2.0.0.log").mkdir(parents=True)  # rollback.sh's log cannot be opened
+    (store / "rollback.sh.exit").mkdir(parents=True)  # rollback.sh's exit file: a folder
     record = install_record(phase="script_exited", code=3, error="update.sh exited with 3")
     state = {"current_version": "1.0.0", "install": record}
     (store / "state.json").write_text(json.dumps(state))
     ota_agent()
     failed = statuses.wait_status("update_failed")
     assert failed.error.startswith("recover failed: IsADirectoryError")
+    assert "rollback.sh.exit" in failed.error
     statuses.wait_status("updated", after=statuses.statuses.index(failed))
     saved, _ = load_state(Store(store))
     assert saved.install is None and saved.failures["2.0.0"].attempts == 1
@@ -279,3 +281,23 @@ def test_values_that_break_later_are_config_errors(tmp_path: Path, body: str, na
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and "Traceback" not in result.stderr
+
+
+def test_update_sh_never_starts_without_its_log(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    """A script log that cannot be written: update.sh does not start, and it is retried."""
+    ran = tmp_path / "ran"
+    release_server.releases.publish(make_release("8.1.0", update_sh=f'touch "{ran}"\n'))
+    logs = tmp_path / "opt-connhex" / ".store" / "ota" / "logs"
+    (logs / "8.1.0.log").mkdir(parents=True)
+    agent = ota_agent(auto_install=True)
+    failed = statuses.wait_status("update_failed")
+    assert failed.error.startswith("cannot write the script log: ")
+    assert "will try again" in failed.error and not ran.exists()
+    state, _ = load_state(Store(agent.store))
+    assert state.install is None and "8.1.0" not in state.failures

@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 import requests
 from pydantic import ValidationError
+from urllib3.connection import HTTPConnection
 
 from connhex_edge_ota import __version__, delta, killpoints
 from connhex_edge_ota.config import OtaSettings
@@ -62,7 +64,9 @@ class Transfer:
     fetched: int
     """Bytes received over the network."""
     total: int
-    """Bytes it planned to fetch."""
+    """Bytes it planned to fetch (a delta that fell back counts what it fetched first)."""
+    fallback: str = ""
+    """Why a delta was tried and not used (``how`` is then ``full`` or ``resumed``)."""
 
 
 @dataclass
@@ -111,8 +115,11 @@ class Server:
         self.settings = settings
         self.url = f"{settings.server_url}/iot/ota/{settings.init_id}"
         self.session = requests.Session()
+        window = receive_window(settings.max_download_rate)
+        self._pace: Pace | None = None
+        """The clock of the download in progress, under ``max_download_rate``."""
         for scheme in ("http://", "https://"):  # lets a Deadline cut a trickling answer
-            self.session.mount(scheme, WatchedAdapter())
+            self.session.mount(scheme, WatchedAdapter() if not window else _CappedAdapter(window))
         # Given with every request: requests lets REQUESTS_CA_BUNDLE override a
         # session's verify (psf/requests#3829), which would drop our ca_file.
         self.verify: str | bool = str(settings.ca_file) if settings.ca_file else True
@@ -180,6 +187,10 @@ class Server:
         """
         if _already_here(release):  # renamed just before a stop could record it
             return Transfer("kept", 0, 0)
+        rate = self.settings.max_download_rate
+        # Linux doubles SO_RCVBUF (the half it adds is for its own bookkeeping, but the
+        # window can use part of it): count the whole buffer as already received.
+        self._pace = Pace(rate, 2 * receive_window(rate)) if rate else None
         part = release.part_path
         offset = _resumable_bytes(part, partial)
         _make_room(part.parent, release.size - offset, self.settings.free_space_margin, base)
@@ -187,20 +198,29 @@ class Server:
         if offset == release.size:  # complete before a restart: only verification is left
             self._finish(release, part, hasher)
             return Transfer("kept", 0, 0)
+        spent, fallback = 0, ""
         if base is not None and base.is_file() and self.settings.delta == "auto":
             try:
                 return self._delta(
                     release, part, offset, hasher, partial, save_partial, progress, cancel, base
                 )
             except NoDelta as exc:
+                spent, fallback = exc.fetched, str(exc)
                 log.warning(
-                    "delta of %s not used: %s; fetching the whole release", release.version, exc
+                    "delta of %s not used: %s (%d bytes fetched for it); fetching the %s",
+                    release.version,
+                    exc,
+                    spent,
+                    "whole release" if exc.dropped or not offset else "rest of the release",
                 )
                 if exc.dropped:
                     part.unlink(missing_ok=True)
                     offset = 0
                 hasher = _hash_prefix(part, offset, release.digest)  # the delta wrote on
-        return self._full(release, part, offset, hasher, partial, save_partial, progress, cancel)
+        transfer = self._full(
+            release, part, offset, hasher, partial, save_partial, progress, cancel, spent
+        )
+        return Transfer(transfer.how, transfer.fetched, transfer.total, fallback)
 
     def _full(
         self,
@@ -212,7 +232,9 @@ class Server:
         save_partial: Callable[[Partial], None],
         progress: Callable[[int, int], None],
         cancel: threading.Event,
+        spent: int = 0,
     ) -> Transfer:
+        """The release from ``offset`` on; ``spent`` bytes were fetched before (by a delta)."""
         headers = {"If-Match": release.etag} if release.etag else {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -243,7 +265,7 @@ class Server:
                 offset, hasher = 0, new_hasher(release.digest)
             else:
                 raise _http_error(response)
-            total = release.size - offset
+            total = spent + release.size - offset
             received = _receive(
                 self._body(response),
                 part,
@@ -252,14 +274,14 @@ class Server:
                 release,
                 partial,
                 save_partial,
-                lambda written: progress(written - offset, total),
+                lambda written: progress(spent + written - offset, total),
                 cancel,
             )
         done = offset + received
         if done < release.size:
             raise ServerError(f"connection ended at {done} of {release.size} bytes; will resume")
         self._finish(release, part, hasher)
-        return Transfer("resumed" if offset else "full", received, total)
+        return Transfer("resumed" if offset else "full", spent + received, total)
 
     def _chunk(self) -> int:
         """Bytes per read: smaller under a rate cap, so that pacing stays smooth."""
@@ -298,7 +320,7 @@ class Server:
         floor = RateFloor(rate, self.settings.stall_timeout)
         chunk = self._chunk()
         received = 0
-        for piece in paced(chunks_as_they_come(response.raw, lambda: chunk), limit):
+        for piece in paced(chunks_as_they_come(response.raw, lambda: chunk), limit, self._pace):
             received += len(piece)
             floor.update(received)
             yield piece
@@ -339,27 +361,79 @@ class Server:
         cancel: threading.Event,
         base: Path,
     ) -> Transfer:
-        limit = self.settings.max_members
-        start, end = delta.tail_range(release.size)
-        tail = b"".join(self._range(release, start, end))
-        cd_start, _ = delta.directory_range(tail, start, release.size)
+        """Rebuild the release from ``base`` and ranges; NoDelta (with the bytes it
+        fetched) when it cannot or should not."""
+        fetched = [0]
+        try:
+            return self._rebuild(
+                release,
+                part,
+                offset,
+                hasher,
+                partial,
+                save_partial,
+                progress,
+                cancel,
+                base,
+                fetched,
+            )
+        except NoDelta as exc:
+            exc.fetched = fetched[0]
+            raise
+        except ReleaseChanged as exc:  # what was rebuilt belongs to the release that went
+            part.unlink(missing_ok=True)
+            raise ReleaseChanged(exc.message, partial_dropped=True) from None
+
+    def _rebuild(
+        self,
+        release: Release,
+        part: Path,
+        offset: int,
+        hasher: hashlib._Hash,
+        partial: Partial,
+        save_partial: Callable[[Partial], None],
+        progress: Callable[[int, int], None],
+        cancel: threading.Event,
+        base: Path,
+        fetched: list[int],
+    ) -> Transfer:
+        size = release.size
+        if size - offset < delta.MIN_GAIN:
+            raise NoDelta(f"only {size - offset} bytes to fetch: too few for a delta")
+
+        def get(begin: int, end: int) -> bytes:
+            data = bytearray()
+            for chunk in self._range(release, begin, end):
+                fetched[0] += len(chunk)
+                data += chunk
+            return bytes(data)
+
+        start, _ = delta.probe_range(size)
+        tail = get(start, size)
+        try:
+            cd_start, _ = delta.directory_range(tail, start, size)
+        except NoDelta:  # a long zip comment: look further back, once
+            wider, _ = delta.tail_range(size)
+            if wider >= start:
+                raise
+            tail, start = get(wider, start) + tail, wider
+            cd_start, _ = delta.directory_range(tail, start, size)
         if cd_start < start:
-            tail = b"".join(self._range(release, cd_start, start)) + tail
-            start = cd_start
-        new = delta.parse_directory(tail, start, release.size, limit)
-        known = delta.Known(new.start, release.size, tail[new.start - start :])
-        plan = delta.plan(new, known, release.size, base, delta.read_directory(base, limit))
-        fetched = [release.size - start]  # the tail, already here
+            tail, start = get(cd_start, start) + tail, cd_start
+        limit = self.settings.max_members
+        new = delta.parse_directory(tail, start, size, limit)
+        known = delta.Known(new.start, size, tail[new.start - start :])
+        plan = delta.plan(new, known, size, base, delta.read_directory(base, limit))
         total = plan.remote_bytes(offset) + fetched[0]
-        if total > delta.MAX_SHARE * (release.size - offset):
-            raise NoDelta(f"it would fetch {total} of {release.size - offset} bytes")
+        if total > delta.MAX_SHARE * (size - offset):
+            raise NoDelta(f"it would fetch {total} of {size - offset} bytes (over 70 %)")
         log.info(
             "delta of %s: fetching %d of %d bytes in %d requests; the rest comes from the "
             "installed release",
             release.version,
             total,
-            release.size - offset,
-            plan.requests(offset) + 1,
+            size - offset,
+            plan.requests(offset) + 1 + (start < size - delta.PROBE),
         )
 
         def chunks() -> Iterator[bytes]:
@@ -387,8 +461,8 @@ class Server:
             lambda _written: progress(fetched[0], total),
             cancel,
         )
-        if offset + received < release.size:
-            raise ServerError(f"delta stopped at {offset + received} of {release.size} bytes")
+        if offset + received < size:
+            raise ServerError(f"delta stopped at {offset + received} of {size} bytes; will resume")
         try:
             self._finish(release, part, hasher)
         except ServerError:
@@ -542,26 +616,77 @@ def _range_is(content_range: str, start: int, end: int) -> bool:
     return bool(match) and (int(match.group(1)), int(match.group(2)) + 1) == (start, end)  # type: ignore[union-attr]
 
 
-def paced(chunks: Iterable[bytes], rate: int) -> Iterator[bytes]:
+class Pace:
+    """The clock of one capped download: every response of it (a delta makes many) draws
+    on the same budget of ``rate`` bytes per second.
+
+    Reading starts ``window / rate`` seconds late: the receive buffer (``window``
+    bytes, see :func:`receive_window`) fills at once when a request is sent,
+    and those bytes crossed the link too. So the link never carries more than
+    ``rate`` bytes in any second, however many requests the download makes.
+    """
+
+    def __init__(self, rate: int, window: int = 0) -> None:
+        self.rate = rate
+        self.began = time.monotonic() + (window / rate if rate > 0 else 0.0)
+        self.sent = 0
+
+    def wait(self, count: int) -> None:
+        """Sleep until ``count`` more bytes fit the budget; then count them."""
+        self.sent += count
+        ahead = self.sent / self.rate - (time.monotonic() - self.began)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def paced(chunks: Iterable[bytes], rate: int, pace: Pace | None = None) -> Iterator[bytes]:
     """``chunks`` at no more than ``rate`` bytes per second (0: as they come).
 
     Each piece is at most a tenth of a second's worth, and the pace is kept
-    from the start of the transfer: no burst ever exceeds a second's worth.
+    from the start of the transfer (``pace``, shared by its requests, else from
+    now): no burst ever exceeds a second's worth.
     """
     if rate <= 0:
         yield from chunks
         return
+    clock = pace or Pace(rate)
     piece = max(1024, rate // 10)
-    began = time.monotonic()
-    sent = 0
     for chunk in chunks:
         for at in range(0, len(chunk), piece):
             part = chunk[at : at + piece]
-            sent += len(part)
-            ahead = sent / rate - (time.monotonic() - began)
-            if ahead > 0:
-                time.sleep(ahead)
+            clock.wait(len(part))
             yield part
+
+
+def receive_window(rate: int) -> int:
+    """SO_RCVBUF under a rate cap (0: the kernel's own, autotuned), about a quarter of a
+    second's worth.
+
+    Pacing reads is not enough: the kernel keeps accepting what the sender sends
+    until its receive buffer (autotuned to megabytes) is full, so a capped
+    download would start with a burst of that size on the link. A small buffer
+    keeps the TCP window, hence what is in flight, small.
+    """
+    if rate <= 0:
+        return 0
+    return max(4096, min(rate // 4, 4 * _MIB))
+
+
+class _CappedAdapter(WatchedAdapter):
+    """Connections whose receive buffer is set before connecting (it fixes the window scale)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        super().__init__()
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        pool_kwargs["socket_options"] = [
+            *HTTPConnection.default_socket_options,
+            (socket.SOL_SOCKET, socket.SO_RCVBUF, self.window),
+        ]
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
 
 
 def _range_starts_at(content_range: str, offset: int) -> bool:

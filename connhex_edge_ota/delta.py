@@ -31,7 +31,11 @@ LOCAL_HEADER = 30
 CENTRAL_HEADER = 46
 TAIL = 64 * 1024 + 22
 """The end-of-central-directory record is within this many bytes of the end."""
-MAX_DIRECTORY = 64 * 1024 * 1024
+PROBE = 8 * 1024
+"""The first request of a delta: the end records, and the whole directory of a small zip."""
+MIN_GAIN = 64 * 1024
+"""Below this many bytes to fetch, a delta cannot save what its requests cost."""
+MAX_DIRECTORY = 16 * 1024 * 1024
 """A central directory larger than this is not worth a delta (nor our memory)."""
 GAP = 4096
 """Local bytes between two fetched ranges below which one request fetches both."""
@@ -46,6 +50,8 @@ class NoDelta(Exception):
         super().__init__(reason)
         self.dropped = dropped
         """The partial file is useless (deleted): the whole release starts from zero."""
+        self.fetched = 0
+        """Bytes the delta fetched before it gave up (they count in what the download cost)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,12 @@ class Plan:
         return sum(1 for s in self.segments if isinstance(s, Fetch) and s.end > offset)
 
 
+def probe_range(size: int) -> tuple[int, int]:
+    """The range ``[start, end)`` to fetch first: the end records, unless a long comment
+    pushes them further back (then :func:`tail_range`)."""
+    return max(0, size - PROBE), size
+
+
 def tail_range(size: int) -> tuple[int, int]:
     """The range ``[start, end)`` to fetch first: where the end records are."""
     return max(0, size - TAIL), size
@@ -175,9 +187,13 @@ def _end_records(tail: bytes, tail_start: int, size: int) -> tuple[int, int, int
             raise NoDelta("ZIP64 end record not in the tail")
         count, cd_size, cd_start = struct.unpack_from("<QQQ", tail, local + 32)
         end = eocd64
+        if end > tail_start + at:
+            raise NoDelta("ZIP64 end record after the end record")
     else:
         end = tail_start + at
-    if cd_size > MAX_DIRECTORY or cd_start + cd_size > end or end > size:
+    # The directory ends where the end records start: nothing is fetched or kept for
+    # a directory that claims to start earlier than its size says.
+    if cd_size > MAX_DIRECTORY or cd_start + cd_size != end or end > size:
         raise NoDelta("central directory out of bounds")
     return count, cd_size, cd_start
 

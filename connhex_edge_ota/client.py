@@ -403,9 +403,14 @@ class Server:
 
         def get(begin: int, end: int) -> bytes:
             data = bytearray()
-            for chunk in self._range(release, begin, end):
-                fetched[0] += len(chunk)
-                data += chunk
+            try:
+                for chunk in self._range(release, begin, end):
+                    fetched[0] += len(chunk)
+                    data += chunk
+            except TooSlow as exc:
+                raise ServerError(f"server too slow: {exc}; will retry") from None
+            except requests.RequestException as exc:
+                raise ServerError(f"{_network_error(exc)}; will retry") from None
             return bytes(data)
 
         start, _ = delta.probe_range(size)

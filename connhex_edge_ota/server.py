@@ -250,14 +250,23 @@ class _Handler(BaseHTTPRequestHandler):
                 block = file.read(min(faults.send_buffer or 64 * 1024, end - position))
                 if not block:
                     break
-                if faults.stall_at is not None and position + len(block) > faults.stall_at:
+                # A fault strikes in the request whose range covers its offset.
+                if (
+                    faults.stall_at is not None
+                    and start <= faults.stall_at < end
+                    and (position + len(block) > faults.stall_at)
+                ):
                     keep = max(0, faults.stall_at - position)
                     self._write(block[:keep], seen)
                     faults.stall_at = None
                     time.sleep(faults.stall_for)
                     self.close_connection = True
                     return
-                if faults.cut_at is not None and position + len(block) > faults.cut_at:
+                if (
+                    faults.cut_at is not None
+                    and start <= faults.cut_at < end
+                    and (position + len(block) > faults.cut_at)
+                ):
                     keep = max(0, faults.cut_at - position)
                     self._write(block[:keep], seen)
                     faults.cut_at = None

@@ -453,7 +453,7 @@ class Server:
                 if segment.end <= offset:
                     continue
                 begin = max(segment.start, offset)
-                if isinstance(segment, delta.Known):
+                if isinstance(segment, delta.Known | delta.Guess):
                     yield segment.data[begin - segment.start :]
                 elif isinstance(segment, delta.Copy):
                     yield from delta.local_chunks(base, segment, offset, CHUNK * 16)
@@ -475,6 +475,22 @@ class Server:
         )
         if offset + received < size:
             raise ServerError(f"delta stopped at {offset + received} of {size} bytes; will resume")
+        guesses = plan.guesses()
+        if guesses and hasher.digest() != stored_digest(release.digest)[1]:
+            log.info(
+                "delta of %s: the rebuilt local headers are not the release's; fetching %d",
+                release.version,
+                len(guesses),
+            )
+            with part.open("r+b") as file:
+                for guess in guesses:
+                    file.seek(guess.start)
+                    file.write(get(guess.start, guess.end))
+                file.flush()
+                os.fsync(file.fileno())
+            hasher = _hash_prefix(part, size, release.digest)
+            total += sum(guess.end - guess.start for guess in guesses)
+            progress(fetched[0], total)
         try:
             self._finish(release, part, hasher)
         except ServerError:

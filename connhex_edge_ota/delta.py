@@ -66,6 +66,8 @@ class Entry:
     size: int
     offset: int
     """Where its local header starts."""
+    local_fields: bytes = b""
+    """Version needed, flags, method, time and date: what its local header repeats."""
 
     @property
     def key(self) -> tuple[bytes, int, int, int, int]:
@@ -105,7 +107,22 @@ class Known:
     data: bytes
 
 
-Segment = Fetch | Copy | Known
+@dataclass(frozen=True)
+class Guess:
+    """Bytes ``[start, end)`` of the new release rebuilt, not fetched: an unchanged member's
+    local header, from the old one with the new directory's fields (its time above all).
+
+    Zip writers repeat the directory's fields in the local header, so the guess is
+    nearly always right; the release digest decides, and when it disagrees the real
+    headers are fetched (:meth:`Plan.guesses`) and the file checked again.
+    """
+
+    start: int
+    end: int
+    data: bytes
+
+
+Segment = Fetch | Copy | Known | Guess
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,10 @@ class Plan:
 
     def requests(self, offset: int = 0) -> int:
         return sum(1 for s in self.segments if isinstance(s, Fetch) and s.end > offset)
+
+    def guesses(self) -> list[Guess]:
+        """The rebuilt local headers, all of them (an earlier try may have written some)."""
+        return [s for s in self.segments if isinstance(s, Guess)]
 
 
 def probe_range(size: int) -> tuple[int, int]:
@@ -208,12 +229,15 @@ def _entries(directory: bytes, count: int, cd_start: int) -> list[Entry]:
             "<HHHHIIIHHH", directory, pos + 8
         )
         (offset,) = struct.unpack_from("<I", directory, pos + 42)
+        local_fields = bytes(directory[pos + 6 : pos + 16])
         name = directory[pos + CENTRAL_HEADER : pos + CENTRAL_HEADER + nlen]
         extra = directory[pos + CENTRAL_HEADER + nlen : pos + CENTRAL_HEADER + nlen + elen]
         size, compressed, offset = _zip64(extra, size, compressed, offset)
         if offset >= cd_start:
             raise NoDelta("a member starts past the directory")
-        entries.append(Entry(bytes(name), flags, method, crc, compressed, size, offset))
+        entries.append(
+            Entry(bytes(name), flags, method, crc, compressed, size, offset, local_fields)
+        )
         pos += CENTRAL_HEADER + nlen + elen + clen
     return entries
 
@@ -244,8 +268,14 @@ def plan(
     size: int,
     old_path: Path,
     old: Directory,
+    guess: bool = True,
 ) -> Plan:
-    """How to rebuild the new release (``size`` bytes) from ``old_path`` and ranges."""
+    """How to rebuild the new release (``size`` bytes) from ``old_path`` and ranges.
+
+    With ``guess``, the local headers of unchanged members are rebuilt (:class:`Guess`)
+    rather than fetched: a release of many small files then costs a request per
+    changed member, not one per member.
+    """
     old_members = {e.key: e for e in old.entries if not e.flags & 0x08}
     old_size = old_path.stat().st_size
     segments: list[Segment] = []
@@ -266,7 +296,12 @@ def plan(
             if source is None or entry.flags & 0x08 or not header_fits or entry.compressed == 0:
                 segments.append(Fetch(entry.offset, end))
                 continue
-            segments.append(Fetch(entry.offset, data_start))
+            assert match is not None
+            header = _local_header(old_file, match, source, entry) if guess else None
+            if header is not None and len(header) == data_start - entry.offset:
+                segments.append(Guess(entry.offset, data_start, header))
+            else:
+                segments.append(Fetch(entry.offset, data_start))
             segments.append(Copy(data_start, end, source))
     if position > tail.start:
         raise NoDelta("members overlap the directory")
@@ -291,11 +326,25 @@ def _data_start(old_file: BinaryIO, entry: Entry, old_size: int) -> int | None:
     return int(start)
 
 
+def _local_header(old_file: BinaryIO, old: Entry, data_start: int, new: Entry) -> bytes | None:
+    """``new``'s local header as it most likely is: the old member's, whose data is the
+    same, with the fields the new directory gives (version, flags, method, time, date)."""
+    length = data_start - old.offset
+    if length > LOCAL_HEADER + 2 * 0xFFFF or len(new.local_fields) != 10:
+        return None
+    old_file.seek(old.offset)
+    header = bytearray(old_file.read(length))
+    if len(header) != length:
+        return None
+    header[4:14] = new.local_fields
+    return bytes(header)
+
+
 def _coalesce(segments: list[Segment]) -> list[Segment]:
     """Merge adjacent fetches, and fetches separated by a copy shorter than GAP."""
     merged: list[Segment] = []
     for segment in segments:
-        if segment.end <= segment.start and not isinstance(segment, Known):
+        if segment.end <= segment.start and not isinstance(segment, Known | Guess):
             continue
         if isinstance(segment, Fetch) and merged:
             last = merged[-1]

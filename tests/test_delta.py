@@ -189,6 +189,63 @@ def test_delta_of_a_zip64_release(
     assert transfer.fetched < MEMBER + delta.PROBE + 2 * KIB
 
 
+def test_many_small_files_cost_a_request_per_changed_member(
+    tmp_path: Path, release_server: ReleaseServer, releases: Path
+) -> None:
+    """300 members of 5 to 8 KiB, 3 changed: the unchanged members' local headers are
+    rebuilt, not fetched (one request each, before), and the digest proves them."""
+    sizes = [random.Random(i).randrange(5 * KIB, 8 * KIB) for i in range(300)]
+
+    def small(path: Path, changed: set[int], year: int) -> Path:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for i, size in enumerate(sizes):
+                info = zipfile.ZipInfo(f"f{i:03d}", (year, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, member(i, 2 if i in changed else 1, size))
+        return path
+
+    old = small(releases / "old.zip", set(), 2025)
+    new = small(releases / "fw-2.0.zip", {10, 150, 290}, 2026)  # every header's time differs
+    release_server.releases.publish(new)
+    device = Device(tmp_path, release_server.url).installed(old)
+    release = device.offer()
+    transfer = device.download(release)
+    assert transfer.how == "delta"
+    assert release.path.read_bytes() == new.read_bytes()
+    assert len(gets(release_server)) <= 1 + 3 + 1  # probe, the changed members, a directory
+    directory = new.stat().st_size - zipfile.ZipFile(new).start_dir
+    assert transfer.fetched < 3 * 8 * KIB + delta.PROBE + directory + 3 * 100
+
+
+def test_wrongly_rebuilt_headers_are_fetched_and_the_delta_still_counts(
+    tmp_path: Path, release_server: ReleaseServer, releases: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Local headers whose extra field differs from the old release's (the directory
+    cannot tell): the digest disagrees, the real headers are fetched in place, and the
+    file is then the release."""
+
+    def stamped(path: Path, changed: set[int], stamp: int) -> Path:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+            for i in range(6):
+                info = zipfile.ZipInfo(f"m{i}", (2020, 1, 1, 0, 0, 0))
+                info.extra = struct.pack("<HHBI", 0x5455, 5, 1, stamp + i)
+                archive.writestr(info, member(i, 2 if i in changed else 1))
+        return path
+
+    old = stamped(releases / "old.zip", set(), 1_600_000_000)
+    new = stamped(releases / "fw-2.0.zip", {2}, 1_700_000_000)
+    release_server.releases.publish(new)
+    device = Device(tmp_path, release_server.url).installed(old)
+    release = device.offer()
+    with caplog.at_level(logging.INFO):
+        transfer = device.download(release)
+    assert transfer.how == "delta" and transfer.fallback == ""
+    assert logged(caplog, "the rebuilt local headers are not the release's; fetching 5")
+    assert release.path.read_bytes() == new.read_bytes()
+    assert transfer.fetched == sent(release_server) < MEMBER + delta.PROBE + 2 * KIB
+    assert device.progress[-1] == (transfer.fetched, transfer.total)
+
+
 def logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in record.getMessage() for record in caplog.records)
 
@@ -366,13 +423,15 @@ def test_short_space_drops_the_installed_zip_first(
     tmp_path: Path, release_server: ReleaseServer, releases: Path
 ) -> None:
     """With less room than the release plus the margin, installed.zip goes (no delta)."""
-    old = build(releases / "old.zip")
     release_server.releases.publish(build(releases / "fw-2.0.zip", changed={3}))
-    device = Device(tmp_path, release_server.url).installed(old)
-    free = shutil.disk_usage(tmp_path).free
     size = (releases / "fw-2.0.zip").stat().st_size
-    # A margin that fits only once installed.zip (as large as the release) is gone.
-    margin = free - size + old.stat().st_size // 2
+    device = Device(tmp_path, release_server.url)
+    kept = 64 * 1024 * KIB  # large, so that other tests writing meanwhile do not matter
+    with device.store.installed_zip.open("wb") as file:
+        for _ in range(64):
+            file.write(bytes(1024 * KIB))
+    # A margin that fits only once installed.zip is gone (half of it to spare either way).
+    margin = shutil.disk_usage(tmp_path).free - size + kept // 2
     device = Device(tmp_path, release_server.url, free_space_margin=margin)
     release = device.offer()
     transfer = device.download(release)

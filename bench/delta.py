@@ -18,6 +18,7 @@ most of it the two capped 200 MiB transfers.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ from pathlib import Path
 import requests
 from common import MIB, endpoint
 
+from connhex_edge_ota import delta
 from connhex_edge_ota.client import Server
 from connhex_edge_ota.config import load_settings
 from connhex_edge_ota.state import Journal, Partial
@@ -144,11 +146,10 @@ def main() -> None:
             ],
         )
         cap = args.cap_mib * MIB
-        rows: list[str] = []
-        for label, new, base, rates in (
-            (f"{args.size_mib} MiB, 1 of 20 members changed", one, old, (0, cap)),
-            (f"{args.size_mib} MiB, every member changed", every, old, (0,)),
-            ("2,000 small files, 20 changed", small_new, small_old, (0,)),
+        for label, new, base, rates, fetched_headers in (
+            (f"{args.size_mib} MiB, 1 of 20 members changed", one, old, (0, cap), False),
+            (f"{args.size_mib} MiB, every member changed", every, old, (0,), False),
+            ("2,000 small files, 20 changed", small_new, small_old, (0,), True),
         ):
             size = new.stat().st_size
             with endpoint(new, "2.0") as (url, which):
@@ -156,17 +157,31 @@ def main() -> None:
                     full = fetch(url, folder / "device", None, rate)
                     part = fetch(url, folder / "device", base, rate)
                     limit = f"capped at {rate // MIB} MiB/s" if rate else "no cap"
-                    rows.append(
-                        f"{label}, {limit} ({which}): release {size / MIB:.1f} MiB\n"
+                    lines = [
+                        f"{label}, {limit} ({which}): release {size / MIB:.1f} MiB",
                         f"  full:  {full.fetched / MIB:9.2f} MiB in {full.requests:4d} requests, "
-                        f"{full.seconds:6.2f} s\n"
+                        f"{full.seconds:6.2f} s",
                         f"  delta: {part.fetched / MIB:9.2f} MiB in {part.requests:4d} requests, "
                         f"{part.seconds:6.2f} s ({part.how}"
-                        f"{'; ' + part.fallback if part.fallback else ''})\n"
-                        f"  bytes {share(part.fetched, full.fetched)} of full, "
+                        f"{'; ' + part.fallback if part.fallback else ''})",
+                    ]
+                    if fetched_headers:  # A/B: every local header fetched, none rebuilt
+                        real = delta.plan
+                        delta.plan = functools.partial(real, guess=False)
+                        try:
+                            ab = fetch(url, folder / "device", base, rate)
+                        finally:
+                            delta.plan = real
+                        lines.append(
+                            f"  delta, local headers fetched (before): {ab.fetched / MIB:.2f} MiB "
+                            f"in {ab.requests} requests, {ab.seconds:.2f} s"
+                        )
+                    lines.append(
+                        f"  bytes {share(part.fetched, full.fetched)} of full "
+                        f"({part.fetched - full.fetched:+d} bytes), "
                         f"time {part.seconds / full.seconds:.2f}x"
                     )
-                    print(rows[-1], flush=True)
+                    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

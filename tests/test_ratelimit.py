@@ -120,9 +120,16 @@ def test_full_download_keeps_to_the_cap(tmp_path: Path, capped_server: ReleaseSe
 def test_delta_keeps_to_the_cap_across_its_requests(
     tmp_path: Path, capped_server: ReleaseServer
 ) -> None:
-    """A delta makes a dozen requests; one clock paces them all."""
-    old = build(tmp_path / "old.zip", compression=zipfile.ZIP_STORED)
-    new = build(tmp_path / "fw-2.0.zip", changed={3}, compression=zipfile.ZIP_STORED)
+    """A delta of seven changed members makes eight requests; one clock paces them all."""
+    changed = {1, 3, 5, 7, 9, 11, 13}
+    old = build(tmp_path / "old.zip", count=16, size=32 * KIB, compression=zipfile.ZIP_STORED)
+    new = build(
+        tmp_path / "fw-2.0.zip",
+        changed=changed,
+        count=16,
+        size=32 * KIB,
+        compression=zipfile.ZIP_STORED,
+    )
     capped_server.releases.publish(new)
     device = Device(tmp_path, capped_server.url, max_download_rate=RATE).installed(old)
     release = device.offer()
@@ -131,7 +138,7 @@ def test_delta_keeps_to_the_cap_across_its_requests(
         transfer = device.download(release)
     assert transfer.how == "delta"
     assert release.path.read_bytes() == new.read_bytes()
-    assert len(capped_server.releases.requests) > 10
+    assert len([r for r in capped_server.releases.requests if r.method == "GET"]) == 8
     check_smooth(samples, stamps)
 
 

@@ -204,12 +204,10 @@ def _end_records(tail: bytes, tail_start: int, size: int) -> tuple[int, int, int
             raise NoDelta("ZIP64 locator missing")
         (eocd64,) = struct.unpack_from("<Q", tail, locator + 8)
         local = eocd64 - tail_start
-        if local < 0 or tail[local : local + 4] != EOCD64:
+        if local < 0 or local + 56 > locator or tail[local : local + 4] != EOCD64:
             raise NoDelta("ZIP64 end record not in the tail")
         count, cd_size, cd_start = struct.unpack_from("<QQQ", tail, local + 32)
         end = eocd64
-        if end > tail_start + at:
-            raise NoDelta("ZIP64 end record after the end record")
     else:
         end = tail_start + at
     # The directory ends where the end records start: nothing is fetched or kept for

@@ -589,6 +589,20 @@ def test_directory_parser_refuses_any_mutated_tail_cleanly(edits: list[tuple[int
     assert found.start < TAIL_SIZE
 
 
+def test_zip64_records_that_overlap_or_run_short_are_refused() -> None:
+    """A ZIP64 locator pointing at a record that would run into the locator itself, or
+    past the tail: NoDelta, not a struct error."""
+    eocd = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    for record_at in (0, 10, 40):  # 40: the 56 bytes would run past the tail
+        record = b"PK\x06\x06" + bytes(52)
+        body = bytearray(bytes(20) + record[:30])
+        body[record_at : record_at + 4] = b"PK\x06\x06"
+        locator = b"PK\x06\x07" + struct.pack("<IQI", 0, 1000 + record_at, 1)
+        tail = bytes(body) + locator + eocd
+        with pytest.raises(delta.NoDelta, match="ZIP64"):
+            delta.parse_directory(tail, 1000, 1000 + len(tail), 100)
+
+
 # --- nginx, which answers Range its own way ---
 
 

@@ -342,6 +342,24 @@ def test_cut_delta_resumes_and_fetches_only_what_is_missing(
     assert f"bytes={kept}-" in ranges[-1] or any(r.startswith(f"bytes={kept}-") for r in ranges)
 
 
+def test_cut_in_the_first_probe_is_a_retry_not_a_crash(
+    tmp_path: Path, release_server: ReleaseServer, releases: Path
+) -> None:
+    """The connection cut while the end records come: a download failure like any other
+    ("will retry"), and the next try makes the delta."""
+    old = build(releases / "old.zip")
+    new = build(releases / "fw-2.0.zip", changed={3})
+    release_server.releases.publish(new)
+    device = Device(tmp_path, release_server.url).installed(old)
+    release = device.offer()
+    release_server.faults.cut_at = release.size - 100
+    with pytest.raises(ServerError, match="will retry"):
+        device.download(release)
+    transfer = device.download(release)
+    assert transfer.how == "delta"
+    assert release.path.read_bytes() == new.read_bytes()
+
+
 def test_release_changed_between_a_cut_and_the_resume_is_412(
     tmp_path: Path, release_server: ReleaseServer, releases: Path
 ) -> None:

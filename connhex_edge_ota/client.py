@@ -236,9 +236,10 @@ class Server:
     ) -> Transfer:
         """The release from ``offset`` on; ``spent`` bytes were fetched before (by a delta)."""
         headers = {"If-Match": release.etag} if release.etag else {}
+        self._paced_request(release.size - offset)
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        response = self._get(headers, release.size - offset)
+        response = self._get(headers)
         with response:
             if response.status_code == 412:
                 part.unlink(missing_ok=True)
@@ -283,16 +284,18 @@ class Server:
         self._finish(release, part, hasher)
         return Transfer("resumed" if offset else "full", spent + received, total)
 
+    def _paced_request(self, length: int) -> None:
+        """Under ``max_download_rate``: a request for ``length`` bytes is about to go."""
+        if self._pace is not None:
+            self._pace.request(length)
+
     def _chunk(self) -> int:
         """Bytes per read: smaller under a rate cap, so that pacing stays smooth."""
         rate = self.settings.max_download_rate
         return min(CHUNK, max(1024, rate // 10)) if rate else CHUNK
 
-    def _get(self, headers: dict[str, str], length: int) -> requests.Response:
-        """A streamed GET (of ``length`` bytes, if all goes well) whose status line and
-        headers must come within ``check_timeout``."""
-        if self._pace is not None:
-            self._pace.request(length)
+    def _get(self, headers: dict[str, str]) -> requests.Response:
+        """A streamed GET whose status line and headers must come within ``check_timeout``."""
         deadline = Deadline(self.settings.check_timeout)
         try:
             with deadline:
@@ -335,9 +338,10 @@ class Server:
     def _range(self, release: Release, start: int, end: int) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of the release, pinned to it with ``If-Match``."""
         headers = {"Range": f"bytes={start}-{end - 1}"}
+        self._paced_request(end - start)
         if release.etag:
             headers["If-Match"] = release.etag
-        response = self._get(headers, end - start)
+        response = self._get(headers)
         with response:
             if response.status_code == 412:
                 raise ReleaseChanged("the release changed on the server (412); checking again")

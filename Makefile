@@ -52,6 +52,7 @@ bench: install-test
 	BENCH_RUNS=$(BENCH_RUNS) $(BIN)/python bench/download.py
 	BENCH_RUNS=$(BENCH_RUNS) $(BIN)/python bench/update.py
 	$(BIN)/python bench/resume.py
+	$(BIN)/python bench/delta.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 import requests
 from pydantic import ValidationError
+from urllib3.connection import HTTPConnection
 
 from connhex_edge_ota import __version__, delta, killpoints
 from connhex_edge_ota.config import OtaSettings
@@ -62,7 +64,9 @@ class Transfer:
     fetched: int
     """Bytes received over the network."""
     total: int
-    """Bytes it planned to fetch."""
+    """Bytes it planned to fetch (a delta that fell back counts what it fetched first)."""
+    fallback: str = ""
+    """Why a delta was tried and not used (``how`` is then ``full`` or ``resumed``)."""
 
 
 @dataclass
@@ -111,8 +115,11 @@ class Server:
         self.settings = settings
         self.url = f"{settings.server_url}/iot/ota/{settings.init_id}"
         self.session = requests.Session()
+        window = receive_window(settings.max_download_rate)
+        self._pace: Pace | None = None
+        """The clock of the download in progress, under ``max_download_rate``."""
         for scheme in ("http://", "https://"):  # lets a Deadline cut a trickling answer
-            self.session.mount(scheme, WatchedAdapter())
+            self.session.mount(scheme, WatchedAdapter() if not window else _CappedAdapter(window))
         # Given with every request: requests lets REQUESTS_CA_BUNDLE override a
         # session's verify (psf/requests#3829), which would drop our ca_file.
         self.verify: str | bool = str(settings.ca_file) if settings.ca_file else True
@@ -163,6 +170,10 @@ class Server:
         """
         if _already_here(release):  # renamed just before a stop could record it
             return Transfer("kept", 0, 0)
+        rate = self.settings.max_download_rate
+        # Linux doubles SO_RCVBUF (the half it adds is for its own bookkeeping, but the
+        # window can use part of it): count the whole buffer.
+        self._pace = Pace(rate, 2 * receive_window(rate)) if rate else None
         part = release.part_path
         offset = _resumable_bytes(part, partial)
         _make_room(part.parent, release.size - offset, self.settings.free_space_margin, base)
@@ -170,20 +181,29 @@ class Server:
         if offset == release.size:  # complete before a restart: only verification is left
             self._finish(release, part, hasher)
             return Transfer("kept", 0, 0)
+        spent, fallback = 0, ""
         if base is not None and base.is_file() and self.settings.delta == "auto":
             try:
                 return self._delta(
                     release, part, offset, hasher, partial, save_partial, progress, cancel, base
                 )
             except NoDelta as exc:
+                spent, fallback = exc.fetched, str(exc)
                 log.warning(
-                    "delta of %s not used: %s; fetching the whole release", release.version, exc
+                    "delta of %s not used: %s (%d bytes fetched for it); fetching the %s",
+                    release.version,
+                    exc,
+                    spent,
+                    "whole release" if exc.dropped or not offset else "rest of the release",
                 )
                 if exc.dropped:
                     part.unlink(missing_ok=True)
                     offset = 0
                 hasher = _hash_prefix(part, offset, release.digest)  # the delta wrote on
-        return self._full(release, part, offset, hasher, partial, save_partial, progress, cancel)
+        transfer = self._full(
+            release, part, offset, hasher, partial, save_partial, progress, cancel, spent
+        )
+        return Transfer(transfer.how, transfer.fetched, transfer.total, fallback)
 
     def _full(
         self,
@@ -195,8 +215,11 @@ class Server:
         save_partial: Callable[[Partial], None],
         progress: Callable[[int, int], None],
         cancel: threading.Event,
+        spent: int = 0,
     ) -> Transfer:
+        """The release from ``offset`` on; ``spent`` bytes were fetched before (by a delta)."""
         headers = {"If-Match": release.etag} if release.etag else {}
+        self._paced_request(release.size - offset)
         if offset:
             headers["Range"] = f"bytes={offset}-"
         response = self._send("GET", headers)
@@ -226,7 +249,7 @@ class Server:
                 offset, hasher = 0, new_hasher(release.digest)
             else:
                 raise _http_error(response)
-            total = release.size - offset
+            total = spent + release.size - offset
             received = _receive(
                 self._body(response),
                 part,
@@ -235,14 +258,19 @@ class Server:
                 release,
                 partial,
                 save_partial,
-                lambda written: progress(written - offset, total),
+                lambda written: progress(spent + written - offset, total),
                 cancel,
             )
         done = offset + received
         if done < release.size:
             raise ServerError(f"connection ended at {done} of {release.size} bytes; will resume")
         self._finish(release, part, hasher)
-        return Transfer("resumed" if offset else "full", received, total)
+        return Transfer("resumed" if offset else "full", spent + received, total)
+
+    def _paced_request(self, length: int) -> None:
+        """Under ``max_download_rate``: a request for ``length`` bytes is about to go."""
+        if self._pace is not None:
+            self._pace.request(length)
 
     def _chunk(self) -> int:
         """Bytes per read: smaller under a rate cap, so that pacing stays smooth."""
@@ -284,14 +312,19 @@ class Server:
         floor = RateFloor(rate, self.settings.stall_timeout)
         chunk = self._chunk()
         received = 0
-        for piece in paced(chunks_as_they_come(response.raw, lambda: chunk), limit):
-            received += len(piece)
-            floor.update(received)
-            yield piece
+        try:
+            for piece in paced(chunks_as_they_come(response.raw, lambda: chunk), limit, self._pace):
+                received += len(piece)
+                floor.update(received)
+                yield piece
+        finally:
+            if self._pace is not None:
+                self._pace.answered()
 
     def _range(self, release: Release, start: int, end: int) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of the release, pinned to it with ``If-Match``."""
         headers = {"Range": f"bytes={start}-{end - 1}"}
+        self._paced_request(end - start)
         if release.etag:
             headers["If-Match"] = release.etag
         response = self._send("GET", headers)
@@ -325,27 +358,84 @@ class Server:
         cancel: threading.Event,
         base: Path,
     ) -> Transfer:
-        limit = self.settings.max_members
-        start, end = delta.tail_range(release.size)
-        tail = b"".join(self._range(release, start, end))
-        cd_start, _ = delta.directory_range(tail, start, release.size)
+        """Rebuild the release from ``base`` and ranges; NoDelta (with the bytes it
+        fetched) when it cannot or should not."""
+        fetched = [0]
+        try:
+            return self._rebuild(
+                release,
+                part,
+                offset,
+                hasher,
+                partial,
+                save_partial,
+                progress,
+                cancel,
+                base,
+                fetched,
+            )
+        except NoDelta as exc:
+            exc.fetched = fetched[0]
+            raise
+        except ReleaseChanged as exc:  # what was rebuilt belongs to the release that went
+            part.unlink(missing_ok=True)
+            raise ReleaseChanged(exc.message, partial_dropped=True) from None
+
+    def _rebuild(
+        self,
+        release: Release,
+        part: Path,
+        offset: int,
+        hasher: hashlib._Hash,
+        partial: Partial,
+        save_partial: Callable[[Partial], None],
+        progress: Callable[[int, int], None],
+        cancel: threading.Event,
+        base: Path,
+        fetched: list[int],
+    ) -> Transfer:
+        size = release.size
+        if size - offset < delta.MIN_GAIN:
+            raise NoDelta(f"only {size - offset} bytes to fetch: too few for a delta")
+
+        def get(begin: int, end: int) -> bytes:
+            data = bytearray()
+            try:
+                for chunk in self._range(release, begin, end):
+                    fetched[0] += len(chunk)
+                    data += chunk
+            except TooSlow as exc:
+                raise ServerError(f"server too slow: {exc}; will retry") from None
+            except requests.RequestException as exc:
+                raise ServerError(f"{_network_error(exc)}; will retry") from None
+            return bytes(data)
+
+        start, _ = delta.probe_range(size)
+        tail = get(start, size)
+        try:
+            cd_start, _ = delta.directory_range(tail, start, size)
+        except NoDelta:  # a long zip comment: look further back, once
+            wider, _ = delta.tail_range(size)
+            if wider >= start:
+                raise
+            tail, start = get(wider, start) + tail, wider
+            cd_start, _ = delta.directory_range(tail, start, size)
         if cd_start < start:
-            tail = b"".join(self._range(release, cd_start, start)) + tail
-            start = cd_start
-        new = delta.parse_directory(tail, start, release.size, limit)
-        known = delta.Known(new.start, release.size, tail[new.start - start :])
-        plan = delta.plan(new, known, release.size, base, delta.read_directory(base, limit))
-        fetched = [release.size - start]  # the tail, already here
+            tail, start = get(cd_start, start) + tail, cd_start
+        limit = self.settings.max_members
+        new = delta.parse_directory(tail, start, size, limit)
+        known = delta.Known(new.start, size, tail[new.start - start :])
+        plan = delta.plan(new, known, size, base, delta.read_directory(base, limit))
         total = plan.remote_bytes(offset) + fetched[0]
-        if total > delta.MAX_SHARE * (release.size - offset):
-            raise NoDelta(f"it would fetch {total} of {release.size - offset} bytes")
+        if total > delta.MAX_SHARE * (size - offset):
+            raise NoDelta(f"it would fetch {total} of {size - offset} bytes (over 70 %)")
         log.info(
             "delta of %s: fetching %d of %d bytes in %d requests; the rest comes from the "
             "installed release",
             release.version,
             total,
-            release.size - offset,
-            plan.requests(offset) + 1,
+            size - offset,
+            plan.requests(offset) + 1 + (start < size - delta.PROBE),
         )
 
         def chunks() -> Iterator[bytes]:
@@ -353,7 +443,7 @@ class Server:
                 if segment.end <= offset:
                     continue
                 begin = max(segment.start, offset)
-                if isinstance(segment, delta.Known):
+                if isinstance(segment, delta.Known | delta.Guess):
                     yield segment.data[begin - segment.start :]
                 elif isinstance(segment, delta.Copy):
                     yield from delta.local_chunks(base, segment, offset, CHUNK * 16)
@@ -373,8 +463,24 @@ class Server:
             lambda _written: progress(fetched[0], total),
             cancel,
         )
-        if offset + received < release.size:
-            raise ServerError(f"delta stopped at {offset + received} of {release.size} bytes")
+        if offset + received < size:
+            raise ServerError(f"delta stopped at {offset + received} of {size} bytes; will resume")
+        guesses = plan.guesses()
+        if guesses and hasher.digest() != stored_digest(release.digest)[1]:
+            log.info(
+                "delta of %s: the rebuilt local headers are not the release's; fetching %d",
+                release.version,
+                len(guesses),
+            )
+            with part.open("r+b") as file:
+                for guess in guesses:
+                    file.seek(guess.start)
+                    file.write(get(guess.start, guess.end))
+                file.flush()
+                os.fsync(file.fileno())
+            hasher = _hash_prefix(part, size, release.digest)
+            total += sum(guess.end - guess.start for guess in guesses)
+            progress(fetched[0], total)
         try:
             self._finish(release, part, hasher)
         except ServerError:
@@ -528,26 +634,107 @@ def _range_is(content_range: str, start: int, end: int) -> bool:
     return bool(match) and (int(match.group(1)), int(match.group(2)) + 1) == (start, end)  # type: ignore[union-attr]
 
 
-def paced(chunks: Iterable[bytes], rate: int) -> Iterator[bytes]:
+class Pace:
+    """The clock of one capped download: every response of it (a delta makes many) draws
+    on one budget of ``rate`` bytes per second.
+
+    The link runs ahead of our reads by what the kernel's receive buffer holds:
+    when the server answers, it fills at once, and stays full while we read. So
+    each request charges ``buffer`` bytes (or the whole answer when shorter) to
+    the budget, reads are paced behind that, and the advance is given back
+    when the answer ends (the buffer drained without being refilled). Time spent
+    without reading (copying from the installed release, a round trip) earns no
+    credit beyond a tenth of a second, so nothing bursts after a pause. Measured
+    on loopback (server-side, ``tests/test_ratelimit.py``): no second over 1.25x
+    the cap; without the small buffer the first second carried 2x to 4x.
+    """
+
+    SLACK = 0.1
+
+    def __init__(self, rate: int, buffer: int = 0) -> None:
+        self.rate = rate
+        self.buffer = buffer
+        self.began = time.monotonic()
+        self.sent = 0
+        self.advance = 0
+
+    def request(self, length: int) -> None:
+        """A request whose answer has ``length`` bytes is about to be sent: its first
+        bytes may come at once, and the reads after them wait for it."""
+        self._spend(0)
+        self.advance = min(self.buffer, max(0, length))
+        self.sent += self.advance
+
+    def answered(self) -> None:
+        """The answer of the last request ended: the buffer's advance is given back."""
+        self.sent -= self.advance
+        self.advance = 0
+
+    def wait(self, count: int) -> None:
+        """Sleep until ``count`` more bytes read fit the budget; then count them."""
+        self._spend(count)
+
+    def _spend(self, count: int) -> None:
+        elapsed = time.monotonic() - self.began
+        self.sent = max(self.sent, int((elapsed - self.SLACK) * self.rate)) + count
+        ahead = self.sent / self.rate - elapsed
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def paced(chunks: Iterable[bytes], rate: int, pace: Pace | None = None) -> Iterator[bytes]:
     """``chunks`` at no more than ``rate`` bytes per second (0: as they come).
 
     Each piece is at most a tenth of a second's worth, and the pace is kept
-    from the start of the transfer: no burst ever exceeds a second's worth.
+    from the start of the transfer (``pace``, shared by its requests, else from
+    now): no burst ever exceeds a second's worth.
     """
     if rate <= 0:
         yield from chunks
         return
+    clock = pace or Pace(rate)
     piece = max(1024, rate // 10)
-    began = time.monotonic()
-    sent = 0
     for chunk in chunks:
         for at in range(0, len(chunk), piece):
             part = chunk[at : at + piece]
-            sent += len(part)
-            ahead = sent / rate - (time.monotonic() - began)
-            if ahead > 0:
-                time.sleep(ahead)
+            clock.wait(len(part))
             yield part
+
+
+def receive_window(rate: int) -> int:
+    """SO_RCVBUF under a rate cap (0: the kernel's own, autotuned): an eighth of a
+    second's worth.
+
+    Pacing reads is not enough: the kernel accepts what the sender sends until
+    its receive buffer is full (128 KiB at first, autotuned to megabytes), so a
+    capped download would start with a burst of that size on the link: 2x to 4x
+    the cap in the first second at 16 to 64 KiB/s, measured. Linux doubles the
+    value and the TCP window is most of that, about 0.2 s worth: the cap is
+    reached on links whose round trip is under about 190 ms, and a slower
+    round trip runs below the cap, never above. A quarter second's worth
+    tolerated twice the round trip but let 1.3x to 1.4x of the cap through in
+    some seconds (loopback, window updates come in steps of the buffer's size).
+    """
+    if rate <= 0:
+        return 0
+    return max(4096, min(rate // 8, 4 * _MIB))
+
+
+class _CappedAdapter(WatchedAdapter):
+    """Connections whose receive buffer is set before connecting (it fixes the window scale)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        super().__init__()
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        pool_kwargs["socket_options"] = [
+            *HTTPConnection.default_socket_options,
+            (socket.SOL_SOCKET, socket.SO_RCVBUF, self.window),
+        ]
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
 
 
 def _range_starts_at(content_range: str, offset: int) -> bool:

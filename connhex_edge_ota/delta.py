@@ -31,7 +31,11 @@ LOCAL_HEADER = 30
 CENTRAL_HEADER = 46
 TAIL = 64 * 1024 + 22
 """The end-of-central-directory record is within this many bytes of the end."""
-MAX_DIRECTORY = 64 * 1024 * 1024
+PROBE = 8 * 1024
+"""The first request of a delta: the end records, and the whole directory of a small zip."""
+MIN_GAIN = 64 * 1024
+"""Below this many bytes to fetch, a delta cannot save what its requests cost."""
+MAX_DIRECTORY = 16 * 1024 * 1024
 """A central directory larger than this is not worth a delta (nor our memory)."""
 GAP = 4096
 """Local bytes between two fetched ranges below which one request fetches both."""
@@ -46,6 +50,8 @@ class NoDelta(Exception):
         super().__init__(reason)
         self.dropped = dropped
         """The partial file is useless (deleted): the whole release starts from zero."""
+        self.fetched = 0
+        """Bytes the delta fetched before it gave up (they count in what the download cost)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class Entry:
     size: int
     offset: int
     """Where its local header starts."""
+    local_fields: bytes = b""
+    """Version needed, flags, method, time and date: what its local header repeats."""
 
     @property
     def key(self) -> tuple[bytes, int, int, int, int]:
@@ -99,7 +107,22 @@ class Known:
     data: bytes
 
 
-Segment = Fetch | Copy | Known
+@dataclass(frozen=True)
+class Guess:
+    """Bytes ``[start, end)`` of the new release rebuilt, not fetched: an unchanged member's
+    local header, from the old one with the new directory's fields (its time above all).
+
+    Zip writers repeat the directory's fields in the local header, so the guess is
+    nearly always right; the release digest decides, and when it disagrees the real
+    headers are fetched (:meth:`Plan.guesses`) and the file checked again.
+    """
+
+    start: int
+    end: int
+    data: bytes
+
+
+Segment = Fetch | Copy | Known | Guess
 
 
 @dataclass(frozen=True)
@@ -116,6 +139,16 @@ class Plan:
 
     def requests(self, offset: int = 0) -> int:
         return sum(1 for s in self.segments if isinstance(s, Fetch) and s.end > offset)
+
+    def guesses(self) -> list[Guess]:
+        """The rebuilt local headers, all of them (an earlier try may have written some)."""
+        return [s for s in self.segments if isinstance(s, Guess)]
+
+
+def probe_range(size: int) -> tuple[int, int]:
+    """The range ``[start, end)`` to fetch first: the end records, unless a long comment
+    pushes them further back (then :func:`tail_range`)."""
+    return max(0, size - PROBE), size
 
 
 def tail_range(size: int) -> tuple[int, int]:
@@ -171,13 +204,15 @@ def _end_records(tail: bytes, tail_start: int, size: int) -> tuple[int, int, int
             raise NoDelta("ZIP64 locator missing")
         (eocd64,) = struct.unpack_from("<Q", tail, locator + 8)
         local = eocd64 - tail_start
-        if local < 0 or tail[local : local + 4] != EOCD64:
+        if local < 0 or local + 56 > locator or tail[local : local + 4] != EOCD64:
             raise NoDelta("ZIP64 end record not in the tail")
         count, cd_size, cd_start = struct.unpack_from("<QQQ", tail, local + 32)
         end = eocd64
     else:
         end = tail_start + at
-    if cd_size > MAX_DIRECTORY or cd_start + cd_size > end or end > size:
+    # The directory ends where the end records start: nothing is fetched or kept for
+    # a directory that claims to start earlier than its size says.
+    if cd_size > MAX_DIRECTORY or cd_start + cd_size != end or end > size:
         raise NoDelta("central directory out of bounds")
     return count, cd_size, cd_start
 
@@ -192,12 +227,15 @@ def _entries(directory: bytes, count: int, cd_start: int) -> list[Entry]:
             "<HHHHIIIHHH", directory, pos + 8
         )
         (offset,) = struct.unpack_from("<I", directory, pos + 42)
+        local_fields = bytes(directory[pos + 6 : pos + 16])
         name = directory[pos + CENTRAL_HEADER : pos + CENTRAL_HEADER + nlen]
         extra = directory[pos + CENTRAL_HEADER + nlen : pos + CENTRAL_HEADER + nlen + elen]
         size, compressed, offset = _zip64(extra, size, compressed, offset)
         if offset >= cd_start:
             raise NoDelta("a member starts past the directory")
-        entries.append(Entry(bytes(name), flags, method, crc, compressed, size, offset))
+        entries.append(
+            Entry(bytes(name), flags, method, crc, compressed, size, offset, local_fields)
+        )
         pos += CENTRAL_HEADER + nlen + elen + clen
     return entries
 
@@ -228,8 +266,14 @@ def plan(
     size: int,
     old_path: Path,
     old: Directory,
+    guess: bool = True,
 ) -> Plan:
-    """How to rebuild the new release (``size`` bytes) from ``old_path`` and ranges."""
+    """How to rebuild the new release (``size`` bytes) from ``old_path`` and ranges.
+
+    With ``guess``, the local headers of unchanged members are rebuilt (:class:`Guess`)
+    rather than fetched: a release of many small files then costs a request per
+    changed member, not one per member.
+    """
     old_members = {e.key: e for e in old.entries if not e.flags & 0x08}
     old_size = old_path.stat().st_size
     segments: list[Segment] = []
@@ -250,7 +294,12 @@ def plan(
             if source is None or entry.flags & 0x08 or not header_fits or entry.compressed == 0:
                 segments.append(Fetch(entry.offset, end))
                 continue
-            segments.append(Fetch(entry.offset, data_start))
+            assert match is not None
+            header = _local_header(old_file, match, source, entry) if guess else None
+            if header is not None and len(header) == data_start - entry.offset:
+                segments.append(Guess(entry.offset, data_start, header))
+            else:
+                segments.append(Fetch(entry.offset, data_start))
             segments.append(Copy(data_start, end, source))
     if position > tail.start:
         raise NoDelta("members overlap the directory")
@@ -275,11 +324,25 @@ def _data_start(old_file: BinaryIO, entry: Entry, old_size: int) -> int | None:
     return int(start)
 
 
+def _local_header(old_file: BinaryIO, old: Entry, data_start: int, new: Entry) -> bytes | None:
+    """``new``'s local header as it most likely is: the old member's, whose data is the
+    same, with the fields the new directory gives (version, flags, method, time, date)."""
+    length = data_start - old.offset
+    if length > LOCAL_HEADER + 2 * 0xFFFF or len(new.local_fields) != 10:
+        return None
+    old_file.seek(old.offset)
+    header = bytearray(old_file.read(length))
+    if len(header) != length:
+        return None
+    header[4:14] = new.local_fields
+    return bytes(header)
+
+
 def _coalesce(segments: list[Segment]) -> list[Segment]:
     """Merge adjacent fetches, and fetches separated by a copy shorter than GAP."""
     merged: list[Segment] = []
     for segment in segments:
-        if segment.end <= segment.start and not isinstance(segment, Known):
+        if segment.end <= segment.start and not isinstance(segment, Known | Guess):
             continue
         if isinstance(segment, Fetch) and merged:
             last = merged[-1]

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
 import time
@@ -74,6 +75,10 @@ class Faults:
     """Publish this file right after the next HEAD (the release changes before GET)."""
     head_headers: dict[str, str] = field(default_factory=dict)
     """Headers a HEAD answer sends in place of the computed ones (a lying server)."""
+    send_buffer: int | None = None
+    """SO_SNDBUF of new connections, and the size of each write: what the server counts
+    as sent is then close to what crossed the link (the kernel would otherwise absorb
+    megabytes at once)."""
 
 
 DIGEST_FORMS = ("content-digest", "repr-digest", "digest", "legacy", "sha-512", "none")
@@ -164,6 +169,13 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        if self.server.releases.faults.send_buffer:
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, self.server.releases.faults.send_buffer
+            )
+
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
@@ -203,11 +215,13 @@ class _Handler(BaseHTTPRequestHandler):
         if_match = self.headers.get("If-Match")
         if if_match and if_match != "*" and if_match != release.etag:
             return self._empty(seen, HTTPStatus.PRECONDITION_FAILED)
-        start = 0
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        start, end = 0, release.size
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if match and not faults.ignore_range:
             start = int(match.group(1))
-            if start >= release.size or faults.refuse_range:
+            if match.group(2):  # a closed range ends at its last byte, clipped to the file
+                end = min(end, int(match.group(2)) + 1)
+            if start >= release.size or start >= end or faults.refuse_range:
                 return self._empty(
                     seen,
                     HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE,
@@ -217,32 +231,42 @@ class _Handler(BaseHTTPRequestHandler):
                 seen,
                 HTTPStatus.PARTIAL_CONTENT,
                 release,
-                release.size - start,
-                {"Content-Range": f"bytes {start}-{release.size - 1}/{release.size}"},
+                end - start,
+                {"Content-Range": f"bytes {start}-{end - 1}/{release.size}"},
             )
         else:
+            start, end = 0, release.size
             self._headers(seen, HTTPStatus.OK, release, release.size)
-        self._send_body(seen, release, start)
+        self._send_body(seen, release, start, end)
         return None
 
-    def _send_body(self, seen: Seen, release: Published, start: int) -> None:
+    def _send_body(self, seen: Seen, release: Published, start: int, end: int) -> None:
         faults = self.server.releases.faults
         position = start
         began = time.monotonic()
         with release.path.open("rb") as file:
             file.seek(start)
-            while position < release.size:
-                block = file.read(64 * 1024)
+            while position < end:
+                block = file.read(min(faults.send_buffer or 64 * 1024, end - position))
                 if not block:
                     break
-                if faults.stall_at is not None and position + len(block) > faults.stall_at:
+                # A fault strikes in the request whose range covers its offset.
+                if (
+                    faults.stall_at is not None
+                    and start <= faults.stall_at < end
+                    and (position + len(block) > faults.stall_at)
+                ):
                     keep = max(0, faults.stall_at - position)
                     self._write(block[:keep], seen)
                     faults.stall_at = None
                     time.sleep(faults.stall_for)
                     self.close_connection = True
                     return
-                if faults.cut_at is not None and position + len(block) > faults.cut_at:
+                if (
+                    faults.cut_at is not None
+                    and start <= faults.cut_at < end
+                    and (position + len(block) > faults.cut_at)
+                ):
                     keep = max(0, faults.cut_at - position)
                     self._write(block[:keep], seen)
                     faults.cut_at = None

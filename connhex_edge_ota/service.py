@@ -319,9 +319,10 @@ class OtaService:
         killpoints.reached("download_renamed")
         self.journal.download_done()
         log.info(
-            "downloaded %s (%s): %d of %d bytes fetched",
+            "downloaded %s (%s%s): %d of %d bytes fetched",
             release.version,
             transfer.how,
+            f"; delta not used: {transfer.fallback}" if transfer.fallback else "",
             transfer.fetched,
             release.size,
         )

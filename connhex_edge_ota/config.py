@@ -112,6 +112,7 @@ EXPECTED: dict[str, str] = {
     "nats_url": "a NATS URL such as 'nats://127.0.0.1:4222'",
     "heartbeat_interval": f"{_DURATION_HINT}, at least 10ms",
     "install_timeout": f"{_DURATION_HINT}, at least 10ms",
+    "script_stop_grace": f"{_DURATION_HINT}, at least 10ms",
     "public_key": "a path to an Ed25519 .pub file, or the key inline (PEM or base64)",
     "initial_version": "a version string (at most 128 bytes, Latin-1, no '/', '..' or control "
     "characters)",
@@ -179,6 +180,8 @@ class OtaSettings(BaseSettings):
     heartbeat_interval: PositiveDuration = 10.0
     install_timeout: PositiveDuration = 1800.0
     public_key: str | None = None
+    script_stop_grace: PositiveDuration = 10.0
+    """After ``install_timeout``, how long a script has between SIGTERM and SIGKILL."""
 
     # Further keys, each with a safe default.
     initial_version: str = ""

@@ -234,6 +234,7 @@ class Installer:
                 exit_file=self.store.exit_file(script),
                 on_start=started,
                 stage="script" if script == UPDATE_SCRIPT else "rollback",
+                grace=self.settings.script_stop_grace,
             )
         finally:
             prune_logs(self.store.logs, self.settings.log_keep)

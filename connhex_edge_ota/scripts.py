@@ -101,6 +101,7 @@ async def run_script(
     exit_file: Path,
     on_start: Callable[[int, int], Awaitable[None]],
     stage: str = "script",
+    grace: float = KILL_GRACE,
 ) -> ScriptResult:
     """Run ``sh <script>`` in ``workdir`` in its own process group, under ``timeout``.
 
@@ -108,7 +109,7 @@ async def run_script(
     when it raises, the script never runs and the error propagates. Output goes
     to ``log_path`` (appended, at most LOG_LIMIT bytes per run) and to the log;
     the last lines come back in the result. On timeout the whole group gets
-    SIGTERM, then SIGKILL after KILL_GRACE seconds. ``exit_file`` receives the
+    SIGTERM, then SIGKILL after ``grace`` seconds. ``exit_file`` receives the
     exit status, even if the agent dies meanwhile. ``stage`` names the kill
     points (``script_*`` or ``rollback_*``).
     """
@@ -169,7 +170,7 @@ async def run_script(
         await asyncio.wait_for(process.wait(), timeout)
     except TimeoutError:
         result.timed_out = True
-        await _kill_group(process)
+        await _kill_group(process, grace)
     except asyncio.CancelledError:
         await _kill_group(process, grace=0.5)  # the agent is stopping: be quick
         # Stopped by us, not ended by itself: its status is no result, and the next

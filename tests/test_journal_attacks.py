@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 
 from connhex_edge_ota import killpoints
-from connhex_edge_ota.scripts import KILL_GRACE
 from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.service import MAX_RECOVERIES
 from connhex_edge_ota.state import Phase, load_state
@@ -382,8 +381,8 @@ def test_a_timed_out_update_sh_that_ignores_sigterm_is_killed(
     """update.sh ignores SIGTERM past the grace: SIGKILL ends it, its last line never runs."""
     running_release(tmp_path)
     update_pid = tmp_path / "update.pid"
-    # It would write "survived" well after the grace (KILL_GRACE) if it were left alive.
-    nap = int(KILL_GRACE) + 30
+    # It would write "survived" well after the grace (script_stop_grace) if it were left alive.
+    nap = 30
     release_server.releases.publish(
         new_release(
             tmp_path,
@@ -392,8 +391,8 @@ def test_a_timed_out_update_sh_that_ignores_sigterm_is_killed(
             + mark(tmp_path, "survived"),
         )
     )
-    ota_agent(auto_install=True, install_timeout="1s")
-    failed = statuses.wait_status(FAILED, timeout=KILL_GRACE + 40)
+    ota_agent(auto_install=True, install_timeout="1s", script_stop_grace="1s")
+    failed = statuses.wait_status(FAILED, timeout=40)
     assert failed.error.startswith("update.sh timed out after 1s")
     assert failed.error.endswith("; rolled back")
     wait_until(lambda: not alive(int(update_pid.read_text())), 5)

@@ -43,7 +43,7 @@ def test_config_table_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, declared in config["defaults"].items():
         actual = getattr(settings, key)
         if isinstance(declared, str) and key.endswith(
-            ("interval", "timeout", "jitter", "floor", "delay")
+            ("interval", "timeout", "jitter", "floor", "delay", "grace")
         ):
             assert parse_duration(declared) == actual, key
             assert format_duration(actual) == declared, key

@@ -26,7 +26,8 @@ CLIENT = """
 import sys, threading
 from connhex_edge_ota.client import Server
 from connhex_edge_ota.config import load_settings
-from connhex_edge_ota.store import Partial, Store
+from connhex_edge_ota.state import Journal, Partial
+from connhex_edge_ota.store import Store
 
 url, install_dir = sys.argv[1], sys.argv[2]
 settings = load_settings(None, server_url=url, init_id="bench", install_dir=install_dir,
@@ -34,10 +35,12 @@ settings = load_settings(None, server_url=url, init_id="bench", install_dir=inst
 store = Store(settings.store_dir)
 store.create()
 server = Server(settings)
-release = store.release(server.check(""))
+journal = Journal(store)
+journal.take_offer(server.check(""))
+release = journal.release()
 partial = Partial(version=release.version, etag=release.etag, digest=release.digest,
                   size=release.size)
-server.download(release, partial, lambda p: None, lambda n: None, threading.Event())
+server.download(release, partial, lambda p: None, lambda n, t: None, threading.Event())
 """
 
 

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import socket
@@ -49,9 +50,11 @@ from connhex_edge_ota.store import boot_id, fsync_dir
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
-CHECKPOINT = 4 * 1024 * 1024
-"""Bytes between fsyncs of a partial download: what a power cut can cost."""
+CHUNK = 256 * 1024
+CHECKPOINT_SECONDS = 2.0
+"""Seconds between durable checkpoints of a partial download at most (bytes: the
+``checkpoint_bytes`` key): a power cut costs what came since the last one. Each
+checkpoint fsyncs the file (in the background) and records it."""
 _MIB = 1024 * 1024
 
 
@@ -260,6 +263,7 @@ class Server:
                 save_partial,
                 lambda written: progress(spent + written - offset, total),
                 cancel,
+                self.settings.checkpoint_bytes,
             )
         done = offset + received
         if done < release.size:
@@ -462,6 +466,7 @@ class Server:
             save_partial,
             lambda _written: progress(fetched[0], total),
             cancel,
+            self.settings.checkpoint_bytes,
         )
         if offset + received < size:
             raise ServerError(f"delta stopped at {offset + received} of {size} bytes; will resume")
@@ -518,19 +523,24 @@ def _receive(
     save_partial: Callable[[Partial], None],
     progress: Callable[[int], None],
     cancel: threading.Event,
+    checkpoint_bytes: int,
 ) -> int:
     """Append ``chunks`` to ``part``, hashing as it goes; the bytes written.
 
-    Every CHECKPOINT bytes (exactly: pieces are cut there) are made durable and recorded.
+    Every ``checkpoint_bytes`` (exactly: pieces are cut there) or CHECKPOINT_SECONDS,
+    whichever comes first, the bytes so far are made durable and recorded.
     """
     written = offset
-    next_checkpoint = offset + CHECKPOINT
+    next_checkpoint = offset + checkpoint_bytes
+    checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
     mode = "r+b" if offset else "wb"
+    hashing = _Hashing(hasher)
     with part.open(mode, buffering=0) as file:
         file.truncate(offset)
         file.seek(offset)
         partial = partial.model_copy(update={"boot_id": boot_id(), "durable": offset})
         save_partial(partial)
+        checkpoints = _Checkpoints(file.fileno(), partial, save_partial)
         try:
             for chunk in chunks:
                 if cancel.is_set():
@@ -540,15 +550,13 @@ def _receive(
                 view = memoryview(chunk)
                 while view:
                     count = file.write(view[: next_checkpoint - written]) or 0
-                    hasher.update(view[:count])  # raw writes can be short: hash what is on disk
+                    hashing.update(view[:count])  # raw writes can be short: hash what is on disk
                     written += count
                     view = view[count:]
-                    if written >= next_checkpoint:
-                        file.flush()
-                        os.fsync(file.fileno())
-                        partial = partial.model_copy(update={"durable": written})
-                        save_partial(partial)
-                        next_checkpoint = written + CHECKPOINT
+                    due = written >= next_checkpoint or time.monotonic() >= checkpoint_at
+                    if due and checkpoints.offer(written):
+                        next_checkpoint = written + checkpoint_bytes
+                        checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
                 progress(written)
         except TooSlow as exc:
             raise ServerError(
@@ -564,10 +572,86 @@ def _receive(
                     f"no space left on device at {written} of {release.size} bytes; will resume"
                 ) from None
             raise ServerError(f"write failed: {exc.strerror or exc}") from None
+        finally:
+            hashing.finish()
+            checkpoints.finish()
         os.fsync(file.fileno())
     if cancel.is_set():
         raise ServerError(f"download stopped at {written} of {release.size} bytes; will resume")
     return written - offset
+
+
+class _Hashing:
+    """Hashes, in order and in a thread of its own, what the download wrote.
+
+    hashlib releases the GIL on large buffers, so the digest is computed on the
+    other core while the download thread reads and writes; at most MAX_QUEUED
+    chunks wait (bounded memory).
+    """
+
+    MAX_QUEUED = 8
+
+    def __init__(self, hasher: hashlib._Hash) -> None:
+        self.hasher = hasher
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(self.MAX_QUEUED)
+        self._thread = threading.Thread(target=self._run, name="ota-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self.hasher.update(data)
+
+    def update(self, data: memoryview) -> None:
+        self._queue.put(data)
+
+    def finish(self) -> None:
+        """Wait until everything given is hashed (``hasher`` is then complete)."""
+        self._queue.put(None)
+        self._thread.join()
+
+
+class _Checkpoints:
+    """Makes a partial download durable in the background: fsync, then record the bytes.
+
+    The download thread goes on receiving while the disk syncs. One checkpoint at a
+    time: :meth:`offer` declines while one is in flight (the next is offered later).
+    Only bytes written before the fsync began are recorded as durable.
+    """
+
+    def __init__(self, fd: int, partial: Partial, save: Callable[[Partial], None]) -> None:
+        self.fd = fd
+        self.partial = partial
+        self.save = save
+        self._busy = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.error: OSError | None = None
+
+    def offer(self, written: int) -> bool:
+        if not self._busy.acquire(blocking=False):
+            return False
+        if self.error is not None:
+            self._busy.release()
+            raise self.error
+        self._thread = threading.Thread(
+            target=self._sync, args=(written,), name="ota-checkpoint", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def _sync(self, written: int) -> None:
+        try:
+            os.fsync(self.fd)
+            self.partial = self.partial.model_copy(update={"durable": written})
+            self.save(self.partial)
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self._busy.release()
+
+    def finish(self) -> None:
+        """Wait for the checkpoint in flight (the file is closed after this)."""
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _already_here(release: Release) -> bool:

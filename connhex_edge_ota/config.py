@@ -131,6 +131,7 @@ EXPECTED: dict[str, str] = {
     "log_keep": "a whole number, one or more",
     "delta": "'auto' (fetch only the members that changed, when it pays) or 'off'",
     "max_download_rate": "bytes per second, 0 for unlimited",
+    "checkpoint_bytes": "a number of bytes, at least 1 MiB (1048576)",
     "nats_user": "a NATS user name",
     "nats_password": "the NATS user's password, a string",
     "nats_password_file": "the path of an existing file holding the NATS password",
@@ -211,6 +212,9 @@ class OtaSettings(BaseSettings):
     log_keep: int = Field(default=10, ge=1)
     delta: Literal["auto", "off"] = "auto"
     """Rebuild a release from the installed one's unchanged members, fetching only the rest."""
+    checkpoint_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    """A partial download is made durable every this many bytes (or every 2 s, whichever
+    first): what a power cut can cost, against flash wear and speed."""
     max_download_rate: int = Field(default=0, ge=0)
     """Bytes per second for downloads (full and delta alike), for metered links; 0: no cap."""
 

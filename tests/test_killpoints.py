@@ -175,14 +175,15 @@ def test_kill_9_at_each_point_then_restart(
     zip_path = new_release(tmp_path, row, make_release)
     release_server.releases.publish(zip_path)
     env = {"CONNHEX_DUMMY_LOG": str(dummy_log)}
+    keys = {"checkpoint_bytes": 4 * MIB}  # two checkpoints in the download rows
     first = ota_agent(
-        auto_install=True, plugins=["dummy-veto"], env={**env, killpoints.ENV: row.point}
+        auto_install=True, plugins=["dummy-veto"], env={**env, killpoints.ENV: row.point}, **keys
     )
     assert first.process is not None
     assert first.process.wait(60) == -signal.SIGKILL, first.output()[-2000:]
 
     mark = statuses.mark()
-    second = ota_agent(auto_install=True, plugins=["dummy-veto"], env=env)
+    second = ota_agent(auto_install=True, plugins=["dummy-veto"], env=env, **keys)
     if row.final == OK:
         final = statuses.wait_updated("2.0.0", after=mark, timeout=60)
     else:

@@ -88,6 +88,10 @@ class ServerError(Exception):
         return self.message
 
 
+class RangeRefused(ServerError):
+    """The server refused to resume (416): the partial file is gone, start over at once."""
+
+
 class ReleaseChanged(ServerError):
     """The release changed between check and download (412, or a new ETag)."""
 
@@ -116,7 +120,8 @@ class Server:
 
     def __init__(self, settings: OtaSettings) -> None:
         self.settings = settings
-        self.url = f"{settings.server_url}/iot/ota/{settings.init_id}"
+        # Escaped: an ID holding '#', '?' or '%' still names one device, never another path.
+        self.url = f"{settings.server_url}/iot/ota/{urllib.parse.quote(settings.init_id, safe='')}"
         self.session = requests.Session()
         window = receive_window(settings.max_download_rate)
         self._pace: Pace | None = None
@@ -234,7 +239,7 @@ class Server:
                 )
             if response.status_code == 416:
                 part.unlink(missing_ok=True)
-                raise ServerError(
+                raise RangeRefused(
                     "server refused the resume range (416); starting over", partial_dropped=True
                 )
             if response.status_code == 206:

@@ -78,7 +78,10 @@ def _handler(loop: UpdateLoop) -> Handler:
         try:
             options = parse_request(verb, payload)
         except BadRequest as exc:
-            return _reply(loop, False, str(exc))
+            error = str(exc)
+            if "known commands" not in error:  # every refusal names what can be asked
+                error += f"; known commands: {', '.join(VERBS)}"
+            return _reply(loop, False, error)
         if verb == "status":
             return _reply(loop, True)
         job = loop.submit(verb, options)

@@ -240,8 +240,10 @@ class OtaSettings(BaseSettings):
     @field_validator("init_id")
     @classmethod
     def _check_init_id(cls, value: str) -> str:
-        if "/" in value or any(ord(c) < 32 for c in value):
+        if "/" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
             raise ValueError("holds '/' or control characters")
+        if value in (".", ".."):
+            raise ValueError("'.' and '..' name no device")
         return value
 
     @field_validator("init_key")

@@ -18,7 +18,7 @@ import pluggy
 
 from connhex_edge_ota import killpoints
 from connhex_edge_ota.calls import in_thread
-from connhex_edge_ota.client import ReleaseChanged, Server, ServerError
+from connhex_edge_ota.client import RangeRefused, ReleaseChanged, Server, ServerError
 from connhex_edge_ota.config import OtaSettings
 from connhex_edge_ota.constraints import refusal
 from connhex_edge_ota.hooks import Hooks
@@ -37,6 +37,9 @@ MAX_INTERRUPTIONS = 3
 given up like a failed one: one cut does not count, a crash loop does."""
 MAX_RECOVERIES = 3
 """Starts that find the same install interrupted before recovery stops running its scripts."""
+
+_SUCCESSES = (StatusName.UPDATED, StatusName.UPDATE_READY)
+"""Statuses after which the same failure, if it comes again, is news again."""
 
 _FAILURE_LEVELS = {
     StatusName.CHECK_FAILED: logging.WARNING,  # retried with backoff
@@ -89,6 +92,8 @@ class OtaService:
         self.hooks = Hooks(pm, settings.hook_timeout)
         self._notice = ""
         """Something to report once, with the first status (e.g. a corrupt state.json)."""
+        self._last_said: tuple[str, str] = ("", "")
+        """The last failure logged (status, error): the same one is not logged again."""
 
     # state and statuses
 
@@ -112,7 +117,14 @@ class OtaService:
         """Record and publish a status change (state.json first: it must never lag behind)."""
         error = short_error(error)
         # The one place a failure reaches the log: once, as it happens, in the status's words.
+        # The same failure said again (a retry that fails alike, a version given up, seen
+        # at each check) is not news: DEBUG until something else happened.
         level = _FAILURE_LEVELS.get(status, logging.INFO if error else logging.DEBUG)
+        said = (status.value, error)
+        if error and said == self._last_said:
+            level = logging.DEBUG
+        elif error or status in _SUCCESSES:
+            self._last_said = said if error else ("", "")
         log.log(level, "%s: %s", status, error or "-", extra={"ota_status": status})
         await in_thread(self.journal.record_status, status.value, error)
         await self._publish(self.status())
@@ -274,6 +286,8 @@ class OtaService:
             if not checked or checked.note:
                 return checked
         fetched = await self._fetch()
+        if isinstance(fetched.failure, RangeRefused):  # the partial is gone: start over now
+            fetched = await self._fetch()
         if not isinstance(fetched.failure, ReleaseChanged):
             return fetched
         checked = await self._check()

@@ -301,3 +301,9 @@ def test_update_sh_never_starts_without_its_log(
     assert "will try again" in failed.error and not ran.exists()
     state, _ = load_state(Store(agent.store))
     assert state.install is None and "8.1.0" not in state.failures
+
+
+@pytest.mark.parametrize("init_id", [".", ".."])
+def test_an_init_id_that_is_no_path_segment_is_refused(init_id: str) -> None:
+    with pytest.raises(ConfigError, match="name no device"):
+        load_settings(None, server_url="http://127.0.0.1:9", init_id=init_id)

@@ -91,14 +91,14 @@ class Member:
 def check_archive(path: Path, limits: Limits) -> list[Member]:
     """The members of ``path`` when it is a safe release; ArchiveError otherwise."""
     with _reading(path.name), path.open("rb") as file:
-        infos = _directory(file, path.name, limits)
+        infos = entries(file, path.name, limits)
     members: list[Member] = []
     seen: set[str] = set()
     total = 0
     compressed = 0
     for info in infos:
-        name = _safe_name(info.filename)
-        _check_type(info, name)
+        name = safe_name(info.filename)
+        check_type(info, name)
         key = name.rstrip("/")
         if key in seen:
             raise ArchiveError(f"{name}: duplicate member")
@@ -126,7 +126,7 @@ def check_archive(path: Path, limits: Limits) -> list[Member]:
     return members
 
 
-def _directory(file: BinaryIO, label: str, limits: Limits) -> list[zipfile.ZipInfo]:
+def entries(file: BinaryIO, label: str, limits: Limits) -> list[zipfile.ZipInfo]:
     """The entries of the zip open as ``file``, parsed only once count and size are in bounds."""
     try:
         directory = end_record(file)
@@ -209,7 +209,7 @@ def unpacked_size(members: list[Member]) -> int:
     return sum(m.info.file_size for m in members)
 
 
-def _safe_name(raw: str) -> str:
+def safe_name(raw: str) -> str:
     if "\x00" in raw or any(ord(c) < 32 for c in raw):
         raise ArchiveError(f"{raw!r}: control character in member name")
     if "\\" in raw:
@@ -224,7 +224,7 @@ def _safe_name(raw: str) -> str:
     return "/".join(parts) + ("/" if raw.endswith("/") else "")
 
 
-def _check_type(info: zipfile.ZipInfo, name: str) -> None:
+def check_type(info: zipfile.ZipInfo, name: str) -> None:
     mode = info.external_attr >> 16
     kind = stat.S_IFMT(mode)
     if info.create_system == 3 and kind not in (0, stat.S_IFREG, stat.S_IFDIR):  # 3 = Unix

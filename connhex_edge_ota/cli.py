@@ -378,13 +378,22 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from connhex_edge_ota.pack import check_release
+    from connhex_edge_ota.pack import check_release, release_problems
     from connhex_edge_ota.signing import KeyFileError, load_public_key
 
     try:
         key = load_public_key(args.public_key) if args.public_key else None
+    except KeyFileError as exc:
+        print(f"{args.zip}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    problems = release_problems(args.zip, key, Limits())
+    if problems:  # each bad member, one line each
+        for problem in problems:
+            print(f"{args.zip}: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
         manifest = check_release(args.zip, key, Limits())
-    except (ArchiveError, KeyFileError) as exc:
+    except ArchiveError as exc:  # release_problems said none: only a race can get here
         print(f"{args.zip}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     identity = f"version {manifest.version or '(none)'}, model {manifest.model or '(any)'}"

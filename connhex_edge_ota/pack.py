@@ -18,6 +18,9 @@ from connhex_edge_ota.archive import (
     ArchiveError,
     Limits,
     check_archive,
+    check_type,
+    entries,
+    safe_name,
     unpack,
 )
 from connhex_edge_ota.release import UnsafeVersionError, check_version
@@ -115,6 +118,72 @@ def check_release(
     with tempfile.TemporaryDirectory(prefix="connhex-ota-verify-") as scratch:
         unpack(path, members, Path(scratch) / "current", expected)
     return manifest
+
+
+def release_problems(
+    path: Path, public_key: Ed25519PublicKey | None, limits: Limits | None = None
+) -> list[str]:
+    """Every reason the installer would refuse ``path``, naming each bad member ([] = ok).
+
+    The installer stops at the first; ``verify`` tells them all: each member whose
+    name or type is refused and, with ``public_key``, each member missing from the
+    signed manifest, differing from it, or listed but absent. The directory is only
+    read when its count and size are within ``limits`` (a zip bomb gets one line).
+    """
+    limits = limits or Limits()
+    try:
+        check_release(path, public_key, limits)
+    except ArchiveError as first:
+        problems = [str(first)]
+    else:
+        return []
+    try:
+        with path.open("rb") as file:
+            infos = entries(file, path.name, limits)
+    except (ArchiveError, OSError, zipfile.BadZipFile):
+        return problems
+    for info in infos:
+        try:
+            check_type(info, safe_name(info.filename))
+        except ArchiveError as exc:
+            problems.append(str(exc))
+    if public_key is not None:
+        problems += _manifest_problems(path, public_key, infos)
+    return list(dict.fromkeys(problems))  # each once, the first (the installer's) first
+
+
+def _manifest_problems(
+    path: Path, public_key: Ed25519PublicKey, infos: list[zipfile.ZipInfo]
+) -> list[str]:
+    try:
+        manifest = verified_manifest(path, public_key)
+    except ArchiveError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    files = {i.filename: i for i in infos if not i.is_dir()}
+    files.pop(MANIFEST, None)
+    files.pop(SIGNATURE, None)
+    with zipfile.ZipFile(path) as archive:
+        for name, info in sorted(files.items()):
+            if name not in manifest.files:
+                problems.append(f"{name}: not in the signed manifest")
+                continue
+            hasher, size = hashlib.sha256(), 0
+            try:
+                with archive.open(info) as member:
+                    while block := member.read(1024 * 1024):
+                        hasher.update(block)
+                        size += len(block)
+            except Exception as exc:  # any read error of a hostile member: a bad member
+                problems.append(f"{name}: unreadable ({type(exc).__name__})")
+                continue
+            if (size, hasher.hexdigest()) != manifest.files[name]:
+                problems.append(f"{name}: differs from the signed manifest")
+    problems += [
+        f"{name}: listed in the manifest but missing"
+        for name in sorted(set(manifest.files) - set(files))
+    ]
+    return problems
 
 
 def _collect(source: Path) -> dict[str, Path]:

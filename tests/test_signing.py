@@ -187,3 +187,45 @@ def test_an_unsigned_release_may_carry_a_manifest_json_of_its_own(tmp_path: Path
     assert check_release(out, None) == Manifest()
     shown = cli("verify", str(out))
     assert shown.returncode == 0 and "no manifest; signature not checked" in shown.stdout
+
+
+def test_verify_names_each_bad_member(tmp_path: Path, source: Path) -> None:
+    """Two members changed, one added, one removed: verify names all four, exit 1."""
+    (source / "a.txt").write_text("a")
+    (source / "b.txt").write_text("b")
+    (source / "c.txt").write_text("c")
+    keygen(tmp_path / "k")
+    signed = pack(source, tmp_path / "fw.zip", tmp_path / "k", "1.0.0")
+    tampered = tmp_path / "bad.zip"
+    with zipfile.ZipFile(signed) as original, zipfile.ZipFile(tampered, "w") as out:
+        for info in original.infolist():
+            if info.filename == "c.txt":
+                continue  # removed
+            data = original.read(info)
+            if info.filename in ("a.txt", "b.txt"):
+                data += b" tampered"
+            out.writestr(info, data)
+        out.writestr("extra.txt", b"not signed")
+    result = cli("verify", str(tampered), "--public-key", str(tmp_path / "k.pub"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    for expected in (
+        "a.txt: differs from the signed manifest",
+        "b.txt: differs from the signed manifest",
+        "extra.txt: not in the signed manifest",
+        "c.txt: listed in the manifest but missing",
+    ):
+        assert sum(expected in line for line in lines) == 1, (expected, lines)
+
+
+def test_verify_names_each_hostile_name(tmp_path: Path) -> None:
+    """Every refused member name is told, not only the first."""
+    hostile = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(hostile, "w") as archive:
+        archive.writestr("update.sh", b"true\n")
+        for name in ("../evil1", "/abs/evil2", "a/../../evil3"):
+            archive.writestr(zipfile.ZipInfo(name), b"x")
+    result = cli("verify", str(hostile))
+    assert result.returncode == 1
+    for name in ("../evil1", "/abs/evil2", "a/../../evil3"):
+        assert name in result.stderr, result.stderr

@@ -23,6 +23,7 @@ import pluggy
 from connhex_edge_ota import PROJECT, __version__, hookimpl, lifecycle
 from connhex_edge_ota.bus import Bus
 from connhex_edge_ota.config import ConfigError, load_settings, read_toml
+from connhex_edge_ota.hooks import mark_unconfigured
 from connhex_edge_ota.loading import LoadedPlugin, load_plugins, one_line
 from connhex_edge_ota.natsauth import nats_auth
 from connhex_edge_ota.store import Busy
@@ -80,39 +81,28 @@ def plugin_manager(
 
 
 def configure_plugins(agent: lifecycle.Agent) -> None:
-    """``agent_configure`` for every plugin: each reads and checks its own table.
+    """``agent_configure`` for every plugin, one by one: each reads and checks its own table.
 
     The same call on every path that runs hooks (``run``, each command-line
-    step); a ConfigError propagates (one line, exit 2). A plugin that raises
-    anything else cannot be configured, so its gates could not be trusted: that
-    is a ConfigError too, naming the plugin.
+    step). A ConfigError (a bad table) propagates: one line, exit 2. A plugin
+    that raises anything else is logged once at ERROR and stays registered with
+    every gate it offers refusing (its vetoes and health checks cannot be
+    trusted): one broken plugin never stops the agent, nor lets an update past it.
     """
     pm = agent.pluginmanager
-    try:
-        pm.hook.agent_configure(agent=agent)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        name = _raised_in(pm, exc) or "?"
-        raise ConfigError(
-            one_line(
-                f"config error: plugin {name}: agent_configure raised {type(exc).__name__}: {exc}"
-            )
-        ) from exc
-
-
-def _raised_in(pm: pluggy.PluginManager, exc: BaseException) -> str:
-    """The plugin whose ``agent_configure`` implementation ``exc`` went through ("" if none)."""
-    codes = {
-        getattr(impl.function, "__code__", None): pm.get_name(impl.plugin) or impl.plugin_name
-        for impl in pm.hook.agent_configure.get_hookimpls()
-    }
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code in codes:
-            return codes[tb.tb_frame.f_code]
-        tb = tb.tb_next
-    return ""
+    for impl in pm.hook.agent_configure.get_hookimpls():
+        name = pm.get_name(impl.plugin) or impl.plugin_name
+        others = [p for p in pm.get_plugins() if p is not impl.plugin]
+        try:
+            pm.subset_hook_caller("agent_configure", remove_plugins=others)(agent=agent)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            if name == "ota":
+                raise  # the addon itself: nothing can run without it
+            reason = one_line(f"agent_configure raised {type(exc).__name__}: {exc}")
+            log.error("plugin %s: %s; its gates refuse every update until fixed", name, reason)
+            mark_unconfigured(pm, name, reason)
 
 
 def configure_each(agent: lifecycle.Agent) -> dict[str, str]:

@@ -31,6 +31,7 @@ import inspect
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -277,8 +278,12 @@ class Hooks:
     async def _gate(self, caller: pluggy.HookCaller, kwargs: dict[str, Any]) -> list[str]:
         found: list[str] = []
         asked: list[tuple[str, PluginWorker, asyncio.Future[Any]]] = []
+        broken = unconfigured(self.pm)
         for impl in caller.get_hookimpls():
             name = plugin_name(self.pm, impl)
+            if name in broken:  # its gate cannot be trusted: it refuses, the agent goes on
+                found.append(f"{name}: not configured ({broken[name]})")
+                continue
             if impl.hookwrapper or impl.wrapper:
                 # Refused at load by the reference host; a host that let one in fails closed.
                 found.append(f"{name}: a wrapper on {caller.name} cannot be honoured")
@@ -301,6 +306,21 @@ class Hooks:
                 if reason:
                     found.append(f"{name}: {reason}")
         return found
+
+
+_UNCONFIGURED: weakref.WeakKeyDictionary[pluggy.PluginManager, dict[str, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def mark_unconfigured(pm: pluggy.PluginManager, name: str, reason: str) -> None:
+    """Plugin ``name`` could not be configured: each of its gates now refuses, with ``reason``."""
+    _UNCONFIGURED.setdefault(pm, {})[name] = reason
+
+
+def unconfigured(pm: pluggy.PluginManager) -> dict[str, str]:
+    """The plugins of ``pm`` whose ``agent_configure`` raised, and why."""
+    return dict(_UNCONFIGURED.get(pm, {}))
 
 
 def _args(impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> dict[str, Any]:

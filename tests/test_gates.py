@@ -181,26 +181,54 @@ def test_run_logs_a_refused_plugin_once_at_error_and_goes_on(
     ]
 
 
-def test_a_plugin_that_cannot_be_configured_stops_a_step_naming_it(
-    tmp_path: Path, release_server: ReleaseServer
+def test_a_plugin_that_cannot_be_configured_refuses_but_never_stops_the_agent(
+    tmp_path: Path, release_server: ReleaseServer, make_release: Callable[..., Path]
 ) -> None:
+    """agent_configure raising: logged once, its gates refuse (fail closed), the step runs."""
     (tmp_path / "crashing_gate.py").write_text(
         "from connhex_edge_ota import hookimpl\n\n"
         "@hookimpl\ndef agent_configure(agent):\n    raise KeyError('window')\n\n"
-        "@hookimpl\ndef ota_pre_install(release):\n    return 'closed'\n"
+        "@hookimpl\ndef ota_pre_install(release):\n    return None\n"
     )
+    ran = tmp_path / "ran"
+    release_server.releases.publish(make_release("3.0.0", update_sh=f'touch "{ran}"\n'))
     path = config(tmp_path, release_server)
     path.write_text(path.read_text().replace("[agent]\n", "[agent]\nplugins = ['crashing_gate']\n"))
     result = subprocess.run(
-        [sys.executable, "-m", "connhex_edge_ota", "install", "--config", str(path)],
+        [sys.executable, "-m", "connhex_edge_ota", "install", "--config", str(path), "--json"],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
-    assert result.returncode == 2
-    lines = [ln for ln in result.stderr.splitlines() if not LOG_RECORD.match(ln)]
-    assert lines == [
-        "config error: plugin crashing_gate: agent_configure raised KeyError: 'window'"
-    ]
-    assert release_server.releases.requests == []
+    assert result.returncode == 1  # vetoed, not a configuration error
+    refusal = "crashing_gate: not configured (agent_configure raised KeyError: 'window')"
+    assert f"install vetoed by {refusal}" in result.stdout
+    assert result.stderr.count("plugin crashing_gate: agent_configure raised KeyError") == 1
+    assert not ran.exists()
+
+
+def test_the_service_goes_on_with_a_plugin_that_cannot_be_configured(
+    ota_agent: Callable[..., OtaAgent],
+    release_server: ReleaseServer,
+    make_release: Callable[..., Path],
+    statuses: StatusWatcher,
+    tmp_path: Path,
+) -> None:
+    """`run` with a plugin whose agent_configure raises: running, and no install gets past it."""
+    (tmp_path / "crashing_gate.py").write_text(
+        "from connhex_edge_ota import hookimpl\n\n"
+        "@hookimpl\ndef agent_configure(agent):\n    raise KeyError('window')\n\n"
+        "@hookimpl\ndef ota_pre_install(release):\n    return None\n"
+    )
+    ran = tmp_path / "ran"
+    release_server.releases.publish(make_release("3.1.0", update_sh=f'touch "{ran}"\n'))
+    agent = ota_agent(
+        auto_install=True, plugins=["crashing_gate"], env={"PYTHONPATH": str(tmp_path)}
+    )
+    vetoed = statuses.wait_for(lambda s: "not configured" in s.error)
+    assert vetoed.status == "update_ready"
+    assert vetoed.error.startswith("install vetoed by crashing_gate: not configured (")
+    assert agent.process is not None and agent.process.poll() is None  # still running
+    assert statuses.request("status")["ok"] is True
+    assert not ran.exists()

@@ -31,6 +31,10 @@ from connhex_edge_ota.store import Busy
 log = logging.getLogger(__name__)
 
 BLOCKED_ENV = "CONNHEX_AGENT_BLOCKED_PLUGINS"
+NATS_FIRST_WAIT = 3.0
+"""Seconds the host waits for NATS before starting plugins: enough for a bus that is up
+(the first statuses reach it, even on a loaded machine); a bus that is down delays
+the first check by this much, no more."""
 STOP_GRACE = 1.5
 """Seconds spawned tasks get to finish on shutdown before they are cancelled."""
 
@@ -196,7 +200,7 @@ class ReferenceAgent:
             )
         )
         with contextlib.suppress(TimeoutError):  # go on without NATS; it connects later
-            await asyncio.wait_for(asyncio.shield(connecting), 3.0)
+            await asyncio.wait_for(asyncio.shield(connecting), NATS_FIRST_WAIT)
         try:
             self._start_plugins()
             await self.stop_event.wait()

@@ -594,7 +594,7 @@ class _Hashing:
     chunks wait (bounded memory).
     """
 
-    MAX_QUEUED = 8
+    MAX_QUEUED = 4
 
     def __init__(self, hasher: hashlib._Hash) -> None:
         self.hasher = hasher

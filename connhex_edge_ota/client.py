@@ -72,6 +72,19 @@ class Transfer:
     """Why a delta was tried and not used (``how`` is then ``full`` or ``resumed``)."""
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One download call: what stays the same through its full, delta and ranged parts."""
+
+    release: Release
+    part: Path
+    """Where the release grows (``<path>.part``)."""
+    partial: Partial
+    save_partial: Callable[[Partial], None]
+    cancel: threading.Event
+    checkpoint_bytes: int
+
+
 @dataclass
 class ServerError(Exception):
     """A failed exchange with the server, and when it may be retried."""
@@ -189,12 +202,11 @@ class Server:
         if offset == release.size:  # complete before a restart: only verification is left
             self._finish(release, part, hasher)
             return Transfer("kept", 0, 0)
+        job = _Job(release, part, partial, save_partial, cancel, self.settings.checkpoint_bytes)
         spent, fallback = 0, ""
         if base is not None and base.is_file() and self.settings.delta == "auto":
             try:
-                return self._delta(
-                    release, part, offset, hasher, partial, save_partial, progress, cancel, base
-                )
+                return self._delta(job, offset, hasher, progress, base)
             except NoDelta as exc:
                 spent, fallback = exc.fetched, str(exc)
                 log.warning(
@@ -208,24 +220,19 @@ class Server:
                     part.unlink(missing_ok=True)
                     offset = 0
                 hasher = _hash_prefix(part, offset, release.digest)  # the delta wrote on
-        transfer = self._full(
-            release, part, offset, hasher, partial, save_partial, progress, cancel, spent
-        )
+        transfer = self._full(job, offset, hasher, progress, spent)
         return Transfer(transfer.how, transfer.fetched, transfer.total, fallback)
 
     def _full(
         self,
-        release: Release,
-        part: Path,
+        job: _Job,
         offset: int,
         hasher: hashlib._Hash,
-        partial: Partial,
-        save_partial: Callable[[Partial], None],
         progress: Callable[[int, int], None],
-        cancel: threading.Event,
         spent: int = 0,
     ) -> Transfer:
         """The release from ``offset`` on; ``spent`` bytes were fetched before (by a delta)."""
+        release, part = job.release, job.part
         headers = {"If-Match": release.etag} if release.etag else {}
         self._paced_request(release.size - offset)
         if offset:
@@ -259,16 +266,11 @@ class Server:
                 raise _http_error(response)
             total = spent + release.size - offset
             received = _receive(
+                job,
                 self._body(response),
-                part,
                 offset,
                 hasher,
-                release,
-                partial,
-                save_partial,
                 lambda written: progress(spent + written - offset, total),
-                cancel,
-                self.settings.checkpoint_bytes,
             )
         done = offset + received
         if done < release.size:
@@ -357,53 +359,34 @@ class Server:
 
     def _delta(
         self,
-        release: Release,
-        part: Path,
+        job: _Job,
         offset: int,
         hasher: hashlib._Hash,
-        partial: Partial,
-        save_partial: Callable[[Partial], None],
         progress: Callable[[int, int], None],
-        cancel: threading.Event,
         base: Path,
     ) -> Transfer:
         """Rebuild the release from ``base`` and ranges; NoDelta (with the bytes it
         fetched) when it cannot or should not."""
         fetched = [0]
         try:
-            return self._rebuild(
-                release,
-                part,
-                offset,
-                hasher,
-                partial,
-                save_partial,
-                progress,
-                cancel,
-                base,
-                fetched,
-            )
+            return self._rebuild(job, offset, hasher, progress, base, fetched)
         except NoDelta as exc:
             exc.fetched = fetched[0]
             raise
         except ReleaseChanged as exc:  # what was rebuilt belongs to the release that went
-            part.unlink(missing_ok=True)
+            job.part.unlink(missing_ok=True)
             raise ReleaseChanged(exc.message, partial_dropped=True) from None
 
     def _rebuild(
         self,
-        release: Release,
-        part: Path,
+        job: _Job,
         offset: int,
         hasher: hashlib._Hash,
-        partial: Partial,
-        save_partial: Callable[[Partial], None],
         progress: Callable[[int, int], None],
-        cancel: threading.Event,
         base: Path,
         fetched: list[int],
     ) -> Transfer:
-        size = release.size
+        release, part, size = job.release, job.part, job.release.size
         if size - offset < delta.MIN_GAIN:
             raise NoDelta(f"only {size - offset} bytes to fetch: too few for a delta")
 
@@ -462,16 +445,7 @@ class Server:
                         yield chunk
 
         received = _receive(
-            chunks(),
-            part,
-            offset,
-            hasher,
-            release,
-            partial,
-            save_partial,
-            lambda _written: progress(fetched[0], total),
-            cancel,
-            self.settings.checkpoint_bytes,
+            job, chunks(), offset, hasher, lambda _written: progress(fetched[0], total)
         )
         if offset + received < size:
             raise ServerError(f"delta stopped at {offset + received} of {size} bytes; will resume")
@@ -519,22 +493,19 @@ class Server:
 
 
 def _receive(
+    job: _Job,
     chunks: Iterable[bytes],
-    part: Path,
     offset: int,
     hasher: hashlib._Hash,
-    release: Release,
-    partial: Partial,
-    save_partial: Callable[[Partial], None],
     progress: Callable[[int], None],
-    cancel: threading.Event,
-    checkpoint_bytes: int,
 ) -> int:
-    """Append ``chunks`` to ``part``, hashing as it goes; the bytes written.
+    """Append ``chunks`` to ``job.part`` from ``offset``, hashing as it goes; bytes written.
 
     Every ``checkpoint_bytes`` (exactly: pieces are cut there) or CHECKPOINT_SECONDS,
     whichever comes first, the bytes so far are made durable and recorded.
     """
+    release, part, partial, cancel = job.release, job.part, job.partial, job.cancel
+    save_partial, checkpoint_bytes = job.save_partial, job.checkpoint_bytes
     written = offset
     next_checkpoint = offset + checkpoint_bytes
     checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -52,7 +51,7 @@ from connhex_edge_ota.scripts import (
     script_environment,
 )
 from connhex_edge_ota.state import Journal, Phase
-from connhex_edge_ota.store import Store, boot_id, write_atomic
+from connhex_edge_ota.store import Store, boot_id, sync_filesystem, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ class Installer:
         try:
             unpack(release.path, members, self.store.current, expected)
             # The scripts about to be recorded as "unpacked" must survive a power cut.
-            os.sync()
+            sync_filesystem(self.store.root)
             write_atomic(self.store.current_version_file, release.version.encode())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -162,13 +161,12 @@ class Installer:
         try:
             self._record(lambda: self.journal.begin_install(release))
         except NotRecorded as exc:
-            return Outcome(False, str(exc), transient=True)
+            return self._not_started(str(exc))
         killpoints.reached("install_recorded")
         try:
             await in_thread(self._check_and_unpack, release)
         except NoSpace as exc:
-            self.journal.abandon_install(interrupted=False)
-            return Outcome(False, f"{exc}; will try again", transient=True)
+            return self._not_started(f"{exc}; will try again")
         except ArchiveError as exc:
             return Outcome(False, f"release refused: {exc}")
         except OSError as exc:
@@ -179,19 +177,23 @@ class Installer:
         try:
             self._record(self.journal.unpacked)
         except NotRecorded as exc:
-            self.journal.abandon_install(interrupted=False)
-            return Outcome(False, str(exc), transient=True)
+            return self._not_started(str(exc))
         killpoints.reached("install_unpacked")
         try:
             result = await self._run(UPDATE_SCRIPT, release, Phase.SCRIPT_STARTED)
         except NotRecorded as exc:
-            self.journal.abandon_install(interrupted=False)
-            return Outcome(False, str(exc), transient=True)
+            return self._not_started(str(exc))
         except OSError as exc:  # its log cannot be written: update.sh has not started
-            self.journal.abandon_install(interrupted=False)
-            reason = f"cannot write the script log: {exc.strerror or exc}; will try again"
-            return Outcome(False, reason, transient=True)
+            return self._not_started(
+                f"cannot write the script log: {exc.strerror or exc}; will try again"
+            )
         return await self._script_ended(release, result.code, result.ok, result.describe())
+
+    def _not_started(self, reason: str) -> Outcome:
+        """Nothing of the release ran and nothing is wrong with it: forget the attempt
+        (not counted) and try again later."""
+        self.journal.abandon_install(interrupted=False)
+        return Outcome(False, reason, transient=True)
 
     async def _script_ended(
         self, release: Release, code: int | None, ok: bool, error: str

@@ -314,10 +314,6 @@ class Journal:
 
     # installs
 
-    def failed_attempts(self, version: str) -> int:
-        failure = self.state.failures.get(version)
-        return failure.attempts if failure else 0
-
     def begin_install(self, release: Release) -> Install:
         """Record that ``release`` is being unpacked; ``OSError`` means: do not start."""
         record = Install(

@@ -10,6 +10,10 @@ from typing import Any
 
 import pytest
 
+from connhex_edge_ota.release import Release
+from connhex_edge_ota.state import Journal, Offer
+from connhex_edge_ota.store import Store
+
 
 @pytest.fixture
 def dummy_log(tmp_path: Path) -> Path:
@@ -27,6 +31,16 @@ def _reliability_case(
         doc = ((function.__doc__ if function else None) or "").strip()
         if doc:
             record_property("doc", doc.splitlines()[0])
+
+
+def offered_release(store: Store, offer: Offer | None) -> Release:
+    """The release a check offered, placed in ``store`` as the service would place it."""
+    assert offer is not None
+    journal = Journal(store)
+    journal.take_offer(offer)
+    release = journal.release()
+    assert release is not None
+    return release
 
 
 def read_calls(path: Path) -> list[dict[str, Any]]:

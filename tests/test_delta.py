@@ -28,9 +28,10 @@ from connhex_edge_ota.digest import format_content_digest
 from connhex_edge_ota.natsserver import free_port
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.server import ReleaseServer
-from connhex_edge_ota.state import Journal, Partial
+from connhex_edge_ota.state import Partial
 from connhex_edge_ota.store import Store
 from connhex_edge_ota.testing import OtaAgent, StatusWatcher
+from tests.conftest import offered_release
 
 pytestmark = pytest.mark.reliability
 
@@ -85,13 +86,7 @@ class Device:
         return self
 
     def offer(self) -> Release:
-        offer = self.server.check("")
-        assert offer is not None
-        journal = Journal(self.store)
-        journal.take_offer(offer)
-        release = journal.release()
-        assert release is not None
-        return release
+        return offered_release(self.store, self.server.check(""))
 
     def download(self, release: Release) -> Transfer:
         partial = self.partial or Partial(

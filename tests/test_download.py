@@ -13,8 +13,9 @@ from connhex_edge_ota.client import CHUNK, ReleaseChanged, Server, ServerError
 from connhex_edge_ota.config import load_settings
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.server import ReleaseServer
-from connhex_edge_ota.state import Journal, Partial
+from connhex_edge_ota.state import Partial
 from connhex_edge_ota.store import Store
+from tests.conftest import offered_release
 
 pytestmark = pytest.mark.reliability
 
@@ -52,13 +53,7 @@ class Device:
         self.progress: list[int] = []
 
     def offer(self) -> Release:
-        offer = self.server.check("")
-        assert offer is not None
-        journal = Journal(self.store)
-        journal.take_offer(offer)
-        release = journal.release()
-        assert release is not None
-        return release
+        return offered_release(self.store, self.server.check(""))
 
     def download(self, release: Release) -> int:
         partial = self.partial or Partial(

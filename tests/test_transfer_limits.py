@@ -16,11 +16,11 @@ import pytest
 
 from connhex_edge_ota.client import Server, ServerError
 from connhex_edge_ota.config import load_settings
-from connhex_edge_ota.release import Release
 from connhex_edge_ota.server import ReleaseServer
-from connhex_edge_ota.state import Journal, Offer, Partial
+from connhex_edge_ota.state import Offer, Partial
 from connhex_edge_ota.store import Store
 from connhex_edge_ota.testing import OtaAgent, StatusWatcher
+from tests.conftest import offered_release
 
 BODY = bytes(range(256)) * 64  # 16 KiB
 TRICKLE_FOR = 20.0
@@ -170,14 +170,6 @@ def client(tmp_path: Path, url: str, **overrides: object) -> Server:
     return Server(load_settings(None, **options))
 
 
-def release_of(store: Store, offer: Offer) -> Release:
-    journal = Journal(store)
-    journal.take_offer(offer)
-    release = journal.release()
-    assert release is not None
-    return release
-
-
 def test_a_check_whose_headers_trickle_is_cut_at_check_timeout(
     tmp_path: Path, trickle_server: Callable[[str], TrickleServer]
 ) -> None:
@@ -237,7 +229,7 @@ def test_a_download_whose_body_trickles_is_cut_and_keeps_what_came(
     assert offer is not None
     store = Store(device.settings.store_dir)
     store.create()
-    release = release_of(store, offer)
+    release = offered_release(store, offer)
     partial = Partial(version="2.0.0", etag=offer.etag, digest=offer.digest, size=offer.size)
     with pytest.raises(ServerError, match=r"^server too slow: .* below min_transfer_rate 1024"):
         device.download(release, partial, lambda _p: None, lambda _n, _t: None, threading.Event())
@@ -255,7 +247,7 @@ def test_a_download_whose_headers_trickle_is_cut(
     store.create()
     digest = "sha-256=:" + base64.b64encode(hashlib.sha256(BODY).digest()).decode() + ":"
     offer = Offer(version="2.0.0", size=len(BODY), digest=digest, etag='"trickle"')
-    release = release_of(store, offer)
+    release = offered_release(store, offer)
     partial = Partial(version="2.0.0", etag=offer.etag, digest=offer.digest, size=offer.size)
     with pytest.raises(ServerError, match=r"^server too slow: no complete answer"):
         device.download(release, partial, lambda _p: None, lambda _n, _t: None, threading.Event())
@@ -271,7 +263,7 @@ def test_a_zero_rate_floor_lets_a_slow_body_finish(
     assert offer is not None
     store = Store(device.settings.store_dir)
     store.create()
-    release = release_of(store, offer)
+    release = offered_release(store, offer)
     saved: list[Partial] = []
     partial = Partial(version="2.0.0", etag=offer.etag, digest=offer.digest, size=offer.size)
     with pytest.raises(ServerError, match="too slow"):

@@ -11,6 +11,7 @@ complete. Whatever goes wrong while reading the archive is an ArchiveError
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import lzma
 import os
@@ -20,12 +21,13 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from connhex_edge_ota import killpoints
-from connhex_edge_ota.zipdirectory import DirectoryError, count_entries, end_record
+from connhex_edge_ota.zipdirectory import DirectoryError, count_entries, data_start, end_record
 
 UPDATE_SCRIPT = "update.sh"
 ROLLBACK_SCRIPT = "rollback.sh"
@@ -44,6 +46,13 @@ member can add to a bomb, since the archive as a whole is held to the ratio too.
 DIRECTORY_BYTES_PER_MEMBER = 1024
 """Central directory bytes allowed per member (46 fixed, the name, extras, comment)."""
 _DIRECTORY_FLOOR = 64 * 1024
+BLOCK = 1024 * 1024
+"""Bytes read at a time when unpacking (a reused buffer for stored members)."""
+COPY_CHUNK = 64 * 1024 * 1024
+"""Bytes asked of one ``copy_file_range`` call (the kernel copies at most about 2 GiB)."""
+PARALLEL_FROM = 4 * 1024 * 1024
+"""A stored member above this size is checked on another thread while it is copied."""
+_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 _METHODS = {
     zipfile.ZIP_STORED: "stored",
     zipfile.ZIP_DEFLATED: "deflated",
@@ -248,9 +257,10 @@ def unpack(
     try:
         with _reading(path.name):
             archive = zipfile.ZipFile(path)
-        with archive:
+        with archive, path.open("rb") as source:
+            bounds = _data_bounds(members, archive.start_dir)
             for member in members:
-                _extract(archive, member, staging, expected)
+                _extract(archive, source, bounds, member, staging, expected)
                 killpoints.reached("unpack_member")
         if expected is not None:
             files = {m.name for m in members if not m.is_dir} - {MANIFEST, SIGNATURE}
@@ -270,8 +280,17 @@ def unpack(
     _remove(old)
 
 
+def _data_bounds(members: list[Member], directory_start: int) -> dict[int, int]:
+    """For each local header offset, where the next one (or the central directory) starts:
+    a member's data must end there, or it overlaps another (as zipfile 3.12 checks)."""
+    offsets = sorted({m.info.header_offset for m in members})
+    return dict(zip(offsets, [*offsets[1:], directory_start], strict=True))
+
+
 def _extract(
     archive: zipfile.ZipFile,
+    source: BinaryIO,
+    bounds: dict[int, int],
     member: Member,
     root: Path,
     expected: dict[str, tuple[int, str]] | None,
@@ -285,30 +304,114 @@ def _extract(
         raise ArchiveError(f"{member.name}: not in the signed manifest")
     dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     executable = bool((member.info.external_attr >> 16) & 0o111)
-    hasher = hashlib.sha256()
-    size = 0
+    want = expected.get(member.name) if expected is not None else None
+    hasher = hashlib.sha256() if want is not None else None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(dest, flags, 0o755 if executable else 0o644)
     with os.fdopen(fd, "wb") as out:
         with _reading(member.name):
-            source = archive.open(member.info)
-        with source:
-            while True:
-                with _reading(member.name):  # disk errors while writing stay OSError
-                    block = source.read(256 * 1024)
-                if not block:
-                    break
-                size += len(block)
-                if size > member.info.file_size:  # never trust the declared size alone
-                    raise ArchiveError(f"{member.name}: larger than declared")
-                hasher.update(block)
-                out.write(block)
+            opened = archive.open(member.info)  # zipfile checks the local header here
+        with opened:
+            if member.info.compress_type == zipfile.ZIP_STORED:
+                size = _copy_stored(source, bounds, member, out.fileno(), hasher)
+            else:
+                size = _copy_decoded(opened, member, out, hasher)
+    if want is not None and hasher is not None and (size, hasher.hexdigest()) != want:
+        raise ArchiveError(f"{member.name}: differs from the signed manifest")
+
+
+def _copy_decoded(
+    source: IO[bytes], member: Member, out: IO[bytes], hasher: hashlib._Hash | None
+) -> int:
+    """Decompress ``member`` into ``out`` (zipfile checks its CRC-32); the bytes written."""
+    size = 0
+    while True:
+        with _reading(member.name):  # disk errors while writing stay OSError
+            block = source.read(BLOCK)
+        if not block:
+            break
+        size += len(block)
+        if size > member.info.file_size:  # never trust the declared size alone
+            raise ArchiveError(f"{member.name}: larger than declared")
+        if hasher is not None:
+            hasher.update(block)
+        out.write(block)
     if size != member.info.file_size:
         raise ArchiveError(f"{member.name}: smaller than declared")
-    if expected is not None and member.name in expected:
-        want_size, want_hash = expected[member.name]
-        if size != want_size or hasher.hexdigest() != want_hash:
-            raise ArchiveError(f"{member.name}: differs from the signed manifest")
+    return size
+
+
+def _copy_stored(
+    source: BinaryIO, bounds: dict[int, int], member: Member, out: int, hasher: hashlib._Hash | None
+) -> int:
+    """Copy a stored member's bytes into ``out`` inside the kernel (``copy_file_range``:
+    no pass through Python, a reflink where the filesystem has them) while another
+    thread checks its CRC-32 (and SHA-256) from the page cache; the bytes written."""
+    info = member.info
+    with _reading(member.name):
+        start = data_start(source, info.header_offset)
+    if start is None:
+        raise ArchiveError(f"{member.name}: no local header where the directory points")
+    if start + info.compress_size > bounds[info.header_offset]:
+        raise ArchiveError(f"{member.name}: overlaps another member")
+    fd, length = source.fileno(), info.compress_size
+    if length > PARALLEL_FROM:
+        with ThreadPoolExecutor(1, thread_name_prefix="unpack-check") as checker:
+            checked = checker.submit(_checksum, fd, start, length, hasher)
+            copied = copy_range(fd, out, start, length)
+            crc = checked.result()
+    else:
+        crc = _checksum(fd, start, length, hasher)
+        copied = copy_range(fd, out, start, length)
+    if copied != length or crc is None:
+        raise ArchiveError(f"{member.name}: truncated: the data ends early")
+    if crc != info.CRC:
+        raise ArchiveError(f"{member.name}: CRC-32 mismatch: the data is corrupt")
+    return copied
+
+
+def _checksum(fd: int, offset: int, length: int, hasher: hashlib._Hash | None) -> int | None:
+    """The CRC-32 of ``length`` bytes of ``fd`` from ``offset`` (fed to ``hasher`` too),
+    or None when the file ends early. zlib and hashlib release the GIL on large
+    buffers, so this runs beside the copy on another core."""
+    buffer = bytearray(min(BLOCK, length))
+    view = memoryview(buffer)
+    crc, done = 0, 0
+    while done < length:
+        got = os.preadv(fd, [view[: min(len(view), length - done)]], offset + done)
+        if got == 0:
+            return None
+        crc = zlib.crc32(view[:got], crc)
+        if hasher is not None:
+            hasher.update(view[:got])
+        done += got
+    return crc
+
+
+def copy_range(source: int, out: int, offset: int, length: int) -> int:
+    """Copy ``length`` bytes of ``source`` from ``offset`` to the end of ``out``; the bytes
+    copied (fewer when ``source`` ends early). ``copy_file_range`` where the kernel and
+    the filesystems allow it, else read and write through a buffer."""
+    done = 0
+    try:
+        while done < length:
+            got = os.copy_file_range(source, out, min(length - done, COPY_CHUNK), offset + done)
+            if got == 0:
+                return done
+            done += got
+        return done
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_RANGE:
+            raise
+    buffer = bytearray(BLOCK)
+    view = memoryview(buffer)
+    while done < length:
+        got = os.preadv(source, [view[: min(BLOCK, length - done)]], offset + done)
+        if got == 0:
+            break
+        os.write(out, view[:got])  # a regular file: a short write raises instead
+        done += got
+    return done
 
 
 def _remove(path: Path) -> None:

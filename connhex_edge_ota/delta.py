@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from connhex_edge_ota import zipdirectory
+
 EOCD = b"PK\x05\x06"
 EOCD64 = b"PK\x06\x06"
 EOCD64_LOCATOR = b"PK\x06\x07"
 CENTRAL = b"PK\x01\x02"
-LOCAL = b"PK\x03\x04"
-LOCAL_HEADER = 30
 CENTRAL_HEADER = 46
 TAIL = 64 * 1024 + 22
 """The end-of-central-directory record is within this many bytes of the end."""
@@ -290,7 +290,7 @@ def plan(
             match = old_members.get(entry.key)
             data_start = end - entry.compressed
             source = _data_start(old_file, match, old_size) if match is not None else None
-            header_fits = data_start - entry.offset >= LOCAL_HEADER + len(entry.name)
+            header_fits = data_start - entry.offset >= zipdirectory.LOCAL_HEADER + len(entry.name)
             if source is None or entry.flags & 0x08 or not header_fits or entry.compressed == 0:
                 segments.append(Fetch(entry.offset, end))
                 continue
@@ -313,22 +313,17 @@ def plan(
 
 def _data_start(old_file: BinaryIO, entry: Entry, old_size: int) -> int | None:
     """Where ``entry``'s compressed bytes start in the old zip (from its local header)."""
-    old_file.seek(entry.offset)
-    header = old_file.read(LOCAL_HEADER)
-    if len(header) < LOCAL_HEADER or header[:4] != LOCAL:
+    start = zipdirectory.data_start(old_file, entry.offset)
+    if start is None or start + entry.compressed > old_size:
         return None
-    nlen, elen = struct.unpack_from("<HH", header, 26)
-    start = entry.offset + LOCAL_HEADER + nlen + elen
-    if start + entry.compressed > old_size:
-        return None
-    return int(start)
+    return start
 
 
 def _local_header(old_file: BinaryIO, old: Entry, data_start: int, new: Entry) -> bytes | None:
     """``new``'s local header as it most likely is: the old member's, whose data is the
     same, with the fields the new directory gives (version, flags, method, time, date)."""
     length = data_start - old.offset
-    if length > LOCAL_HEADER + 2 * 0xFFFF or len(new.local_fields) != 10:
+    if length > zipdirectory.LOCAL_HEADER + 2 * 0xFFFF or len(new.local_fields) != 10:
         return None
     old_file.seek(old.offset)
     header = bytearray(old_file.read(length))

@@ -112,3 +112,19 @@ def count_entries(file: BinaryIO, directory: Directory, limit: int) -> int:
         name_length, extra_length, comment_length = fields[12:15]
         position += _ENTRY.size + name_length + extra_length + comment_length
     return count
+
+
+LOCAL_SIG = b"PK\x03\x04"
+LOCAL_HEADER = 30
+"""Fixed part of a local file header; the name and the extra field follow it."""
+
+
+def data_start(file: BinaryIO, header_offset: int) -> int | None:
+    """Where the data of the member whose local header is at ``header_offset`` begins
+    (None when no local header is there)."""
+    file.seek(header_offset)
+    header = file.read(LOCAL_HEADER)
+    if len(header) < LOCAL_HEADER or header[:4] != LOCAL_SIG:
+        return None
+    name_length, extra_length = struct.unpack_from("<HH", header, 26)
+    return int(header_offset + LOCAL_HEADER + name_length + extra_length)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -256,7 +257,13 @@ def _central(path: Path, name: bytes) -> int:
 
 
 def _set_central(path: Path, name: bytes, field: str, value: int) -> None:
-    offsets = {"flags": (8, "<H"), "method": (10, "<H"), "crc": (16, "<L"), "size": (24, "<L")}
+    offsets = {
+        "flags": (8, "<H"),
+        "method": (10, "<H"),
+        "crc": (16, "<L"),
+        "compressed": (20, "<L"),
+        "size": (24, "<L"),
+    }
     at = _central(path, name)
     where, fmt = offsets[field]
     data = bytearray(path.read_bytes())
@@ -412,27 +419,111 @@ def test_unpack_alone_also_turns_read_errors_into_archive_errors(
     assert str(refused.value) == error
 
 
-_SAMPLE = io.BytesIO()
-with zipfile.ZipFile(_SAMPLE, "w", compression=zipfile.ZIP_DEFLATED) as _archive:
-    _archive.writestr("update.sh", b"echo hi\n")
-    _archive.writestr("dir/payload.bin", bytes(range(256)) * 4)
+def _member_running_into_the_next(path: Path) -> Path:
+    """update.sh (stored) claims its data goes on into payload.bin's local header."""
+    _stored_release(path)
+    data = path.read_bytes()
+    start = _local(path, b"update.sh") + 30 + len(b"update.sh")
+    claimed = data[start : _local(path, b"payload.bin") + 10]
+    _set_central(path, b"update.sh", "crc", zlib.crc32(claimed))
+    _set_central(path, b"update.sh", "compressed", len(claimed))
+    _set_central(path, b"update.sh", "size", len(claimed))
+    return path
+
+
+def test_a_stored_member_whose_data_overlaps_the_next_is_refused(tmp_path: Path) -> None:
+    path = _member_running_into_the_next(tmp_path / "r.zip")
+    with pytest.raises(ArchiveError) as refused:
+        unpack(path, check_archive(path, Limits()), tmp_path / "current", None)
+    assert str(refused.value) == "update.sh: overlaps another member"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zip"]
+
+
+def _big_stored_release(path: Path, payload: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("update.sh", b"echo hi\n")
+        archive.writestr("payload.bin", payload)
+    return path
+
+
+def test_a_big_stored_member_is_copied_whole_and_its_crc_checked(tmp_path: Path) -> None:
+    payload = os.urandom(9 * 1024 * 1024 + 123)  # above PARALLEL_FROM: checked on a thread
+    path = _big_stored_release(tmp_path / "r.zip", payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    expected = {"update.sh": (8, UPDATE_SHA), "payload.bin": (len(payload), digest)}
+    unpack(path, check_archive(path, Limits()), tmp_path / "current", expected)
+    assert (tmp_path / "current" / "payload.bin").read_bytes() == payload
+
+    data = bytearray(path.read_bytes())
+    data[_local(path, b"payload.bin") + 30 + 11 + len(payload) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError) as refused:
+        unpack(path, check_archive(path, Limits()), tmp_path / "again", None)
+    assert str(refused.value) == "payload.bin: CRC-32 mismatch: the data is corrupt"
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("size", [100, 9 * 1024 * 1024])
+def test_a_stored_member_that_differs_from_the_signed_manifest_is_refused(
+    tmp_path: Path, size: int
+) -> None:
+    payload = os.urandom(size)
+    path = _big_stored_release(tmp_path / "r.zip", payload)
+    wrong = hashlib.sha256(payload + b"x").hexdigest()
+    expected = {"update.sh": (8, UPDATE_SHA), "payload.bin": (size, wrong)}
+    with pytest.raises(ArchiveError, match=r"^payload\.bin: differs from the signed manifest$"):
+        unpack(path, check_archive(path, Limits()), tmp_path / "current", expected)
+    assert not (tmp_path / "current").exists()
+
+
+def test_stored_members_are_copied_where_copy_file_range_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernels before 5.3 refuse copies across filesystems (EXDEV), some filesystems
+    do not support it at all: the copy goes through a buffer instead."""
+    payload = os.urandom(5 * 1024 * 1024 + 7)
+    path = _big_stored_release(tmp_path / "r.zip", payload)
+    calls = []
+
+    def refused(*args: object) -> int:
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    unpack(path, check_archive(path, Limits()), tmp_path / "current", None)
+    assert (tmp_path / "current" / "payload.bin").read_bytes() == payload
+    assert (tmp_path / "current" / "update.sh").read_bytes() == b"echo hi\n"
+    assert len(calls) == 2
+
+
+def _sample(compression: int) -> bytes:
+    sample = io.BytesIO()
+    with zipfile.ZipFile(sample, "w", compression=compression) as archive:
+        archive.writestr("update.sh", b"echo hi\n")
+        archive.writestr("dir/payload.bin", bytes(range(256)) * 4)
+    return sample.getvalue()
+
+
+_SAMPLES = {"deflated": _sample(zipfile.ZIP_DEFLATED), "stored": _sample(zipfile.ZIP_STORED)}
+_SAMPLE_SIZE = min(len(sample) for sample in _SAMPLES.values())
 
 
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
+    st.sampled_from(sorted(_SAMPLES)),
     st.lists(
-        st.tuples(st.integers(0, len(_SAMPLE.getvalue()) - 1), st.integers(0, 255)),
+        st.tuples(st.integers(0, _SAMPLE_SIZE - 1), st.integers(0, 255)),
         min_size=1,
         max_size=4,
     ),
-    st.integers(0, len(_SAMPLE.getvalue())),
+    st.integers(0, _SAMPLE_SIZE),
 )
 def test_a_damaged_archive_only_ever_raises_archive_error(
-    tmp_path: Path, changes: list[tuple[int, int]], cut: int
+    tmp_path: Path, kind: str, changes: list[tuple[int, int]], cut: int
 ) -> None:
-    data = bytearray(_SAMPLE.getvalue())
+    data = bytearray(_SAMPLES[kind])
     for position, value in changes:
         data[position] = value
     path = tmp_path / "r.zip"

@@ -7,6 +7,7 @@ import os
 import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -50,6 +51,8 @@ def pack(
 ) -> Path:
     """Zip the folder ``source`` into ``out`` and check it.
 
+    Members are deflated, except those deflate would barely shrink (``compression``).
+
     With ``key`` the release is signed and ``version`` is required: the signed
     manifest binds it. Without ``key`` an unsigned manifest records ``version``
     and ``model`` when given. ``out`` appears whole and checked, or not at all
@@ -76,7 +79,7 @@ def pack(
         with os.fdopen(fd, "wb") as file:
             with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
                 for name, path in sorted(files.items()):
-                    archive.write(path, name)
+                    archive.write(path, name, compress_type=compression(path))
                 if version or model:
                     hashes = {name: _size_and_hash(p) for name, p in files.items()}
                     manifest = manifest_bytes(hashes, version, model)
@@ -202,6 +205,29 @@ def _collect(source: Path) -> dict[str, Path]:
                 raise ArchiveError(f"{relative}: reserved name, written by pack")
             files[relative] = path
     return files
+
+
+SAMPLE = 256 * 1024
+"""Bytes deflated from each of three places of a file to decide how it is stored."""
+STORE_ABOVE = 0.95
+"""A file whose samples deflate to more than this share of their size is stored:
+already compressed data (images, archives, media) gains nothing from deflate, and
+a stored member is copied on the device by the kernel, without inflating it."""
+
+
+def compression(path: Path) -> int:
+    """``ZIP_STORED`` for a file that deflate would barely shrink, else ``ZIP_DEFLATED``."""
+    size = path.stat().st_size
+    if size == 0:
+        return zipfile.ZIP_DEFLATED
+    plain = packed = 0
+    with path.open("rb") as file:
+        for at in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+            file.seek(at)
+            sample = file.read(SAMPLE)
+            plain += len(sample)
+            packed += len(zlib.compress(sample))
+    return zipfile.ZIP_STORED if packed > STORE_ABOVE * plain else zipfile.ZIP_DEFLATED
 
 
 def _size_and_hash(path: Path) -> tuple[int, str]:

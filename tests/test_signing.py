@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import random
 import subprocess
 import sys
 import zipfile
@@ -229,3 +230,28 @@ def test_verify_names_each_hostile_name(tmp_path: Path) -> None:
     assert result.returncode == 1
     for name in ("../evil1", "/abs/evil2", "a/../../evil3"):
         assert name in result.stderr, result.stderr
+
+
+def test_pack_stores_what_deflate_would_not_shrink_and_deflates_the_rest(tmp_path: Path) -> None:
+    """Already compressed payloads (images, archives) are stored, so the device copies
+    them without inflating; text and sparse images are deflated."""
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "update.sh").write_text("cp payload.bin /somewhere\n" * 20)
+    noise = random.Random(7).randbytes(3 * 1024 * 1024)
+    (src / "images" / "rootfs.squashfs").write_bytes(noise)
+    # compressible only in its middle: the samples from start, middle and end decide
+    (src / "images" / "mostly-noise.bin").write_bytes(noise[:1_000_000] + bytes(1_000_000))
+    (src / "images" / "sparse.img").write_bytes(bytes(600_000) + noise[:8192])
+    (src / "empty").write_bytes(b"")
+    out = pack(src, tmp_path / "r.zip", version="2.0.0")
+    with zipfile.ZipFile(out) as archive:
+        methods = {info.filename: info.compress_type for info in archive.infolist()}
+    assert methods == {
+        "empty": zipfile.ZIP_DEFLATED,
+        "images/mostly-noise.bin": zipfile.ZIP_DEFLATED,
+        "images/rootfs.squashfs": zipfile.ZIP_STORED,
+        "images/sparse.img": zipfile.ZIP_DEFLATED,
+        "update.sh": zipfile.ZIP_DEFLATED,
+        MANIFEST: zipfile.ZIP_DEFLATED,
+    }

@@ -72,6 +72,7 @@ def measure(command: list[str], env: dict[str, str] | None = None, quiet: bool =
     """
     if not os.access(TIME, os.X_OK) and ensure("time", "time") is None:
         raise SystemExit("bench: GNU time is needed (apt-get install time)")
+    settle()
     with tempfile.NamedTemporaryFile("r", prefix="ota-bench-time-") as report:
         done = subprocess.run(
             [TIME, "-o", report.name, "-f", "%e %U %S %M", *command],
@@ -83,6 +84,13 @@ def measure(command: list[str], env: dict[str, str] | None = None, quiet: bool =
             raise SystemExit(f"bench: {' '.join(command)[:120]} failed")
         wall, user, system, rss_kib = report.read().split()[-4:]
     return Usage(float(wall), float(user) + float(system), int(rss_kib) / 1024)
+
+
+def settle() -> None:
+    """Write back what earlier runs left dirty, before a measured run starts: otherwise
+    a command that does not sync (``curl -s -o``) pays for its predecessor's writeback,
+    and one that does pays for everybody's."""
+    os.sync()
 
 
 def median_usage(run: Callable[[], Usage], runs: int = RUNS) -> Usage:

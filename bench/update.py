@@ -42,6 +42,7 @@ from common import (
     measure,
     median_usage,
     ratio,
+    settle,
     sha256_of,
     write_payload,
 )
@@ -70,6 +71,7 @@ def agent_update(root: Path, url: str, nats_url: str, dest: Path) -> Usage:
     )
     state = install_dir / ".store" / "ota" / "state.json"
     report = root / "time.txt"
+    settle()
     started = time.perf_counter()
     with (root / "agent.log").open("ab") as log:
         timer = subprocess.Popen(

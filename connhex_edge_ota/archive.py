@@ -20,8 +20,8 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
@@ -48,11 +48,10 @@ DIRECTORY_BYTES_PER_MEMBER = 1024
 _DIRECTORY_FLOOR = 64 * 1024
 BLOCK = 1024 * 1024
 """Bytes read at a time when unpacking (a reused buffer for stored members)."""
-COPY_CHUNK = 64 * 1024 * 1024
-"""Bytes asked of one ``copy_file_range`` call (the kernel copies at most about 2 GiB)."""
+PIECE = 16 * 1024 * 1024
+"""Bytes of a stored member copied at a time; each piece is checked while the next is copied."""
 PARALLEL_FROM = 4 * 1024 * 1024
 """A stored member above this size is checked on another thread while it is copied."""
-_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 _METHODS = {
     zipfile.ZIP_STORED: "stored",
     zipfile.ZIP_DEFLATED: "deflated",
@@ -306,7 +305,7 @@ def _extract(
     executable = bool((member.info.external_attr >> 16) & 0o111)
     want = expected.get(member.name) if expected is not None else None
     hasher = hashlib.sha256() if want is not None else None
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(dest, flags, 0o755 if executable else 0o644)
     with os.fdopen(fd, "wb") as out:
         with _reading(member.name):
@@ -344,72 +343,104 @@ def _copy_decoded(
 def _copy_stored(
     source: BinaryIO, bounds: dict[int, int], member: Member, out: int, hasher: hashlib._Hash | None
 ) -> int:
-    """Copy a stored member's bytes into ``out`` inside the kernel (``copy_file_range``:
-    no pass through Python, a reflink where the filesystem has them) while another
-    thread checks its CRC-32 (and SHA-256) from the page cache; the bytes written."""
+    """Copy a stored member's bytes into ``out`` (opened for reading too) inside the
+    kernel (``copy_file_range``: no pass through Python, a reflink where the filesystem
+    has them), and check the CRC-32 (and SHA-256) of what was written, each piece read
+    back from the page cache on another thread while the next is copied; the bytes
+    written."""
     info = member.info
+    if info.compress_size != info.file_size:
+        raise ArchiveError(f"{member.name}: stored member whose sizes disagree")
     with _reading(member.name):
         start = data_start(source, info.header_offset)
     if start is None:
         raise ArchiveError(f"{member.name}: no local header where the directory points")
-    if start + info.compress_size > bounds[info.header_offset]:
+    length = info.compress_size
+    if start + length > bounds[info.header_offset]:
         raise ArchiveError(f"{member.name}: overlaps another member")
-    fd, length = source.fileno(), info.compress_size
-    if length > PARALLEL_FROM:
-        with ThreadPoolExecutor(1, thread_name_prefix="unpack-check") as checker:
-            checked = checker.submit(_checksum, fd, start, length, hasher)
-            copied = copy_range(fd, out, start, length)
-            crc = checked.result()
-    else:
-        crc = _checksum(fd, start, length, hasher)
-        copied = copy_range(fd, out, start, length)
-    if copied != length or crc is None:
+    written = _Written(out, hasher)
+    with _pipeline(length > PARALLEL_FROM) as check:
+        copied = 0
+        while copied < length:
+            piece = min(PIECE, length - copied)
+            got = copy_range(source.fileno(), out, start + copied, copied, piece, member.name)
+            if got:
+                check(written.add, copied, got)
+            copied += got
+            if got < piece:
+                break
+    if copied != length:
         raise ArchiveError(f"{member.name}: truncated: the data ends early")
-    if crc != info.CRC:
+    if written.crc != info.CRC:
         raise ArchiveError(f"{member.name}: CRC-32 mismatch: the data is corrupt")
     return copied
 
 
-def _checksum(fd: int, offset: int, length: int, hasher: hashlib._Hash | None) -> int | None:
-    """The CRC-32 of ``length`` bytes of ``fd`` from ``offset`` (fed to ``hasher`` too),
-    or None when the file ends early. zlib and hashlib release the GIL on large
-    buffers, so this runs beside the copy on another core."""
-    buffer = bytearray(min(BLOCK, length))
-    view = memoryview(buffer)
-    crc, done = 0, 0
-    while done < length:
-        got = os.preadv(fd, [view[: min(len(view), length - done)]], offset + done)
-        if got == 0:
-            return None
-        crc = zlib.crc32(view[:got], crc)
-        if hasher is not None:
-            hasher.update(view[:got])
-        done += got
-    return crc
+@contextlib.contextmanager
+def _pipeline(parallel: bool) -> Iterator[Callable[[Callable[[int, int], None], int, int], None]]:
+    """``check(step, offset, length)``: run now, or in order on one other thread (whose
+    errors are raised on leaving, and whose pending steps are dropped on an error)."""
+    if not parallel:
+        yield lambda step, offset, length: step(offset, length)
+        return
+    checker = ThreadPoolExecutor(1, thread_name_prefix="unpack-check")
+    pending: list[Future[None]] = []
+    try:
+        yield lambda step, offset, length: pending.append(checker.submit(step, offset, length))
+        for future in pending:
+            future.result()
+    finally:
+        checker.shutdown(wait=True, cancel_futures=True)
 
 
-def copy_range(source: int, out: int, offset: int, length: int) -> int:
-    """Copy ``length`` bytes of ``source`` from ``offset`` to the end of ``out``; the bytes
-    copied (fewer when ``source`` ends early). ``copy_file_range`` where the kernel and
-    the filesystems allow it, else read and write through a buffer."""
+class _Written:
+    """The CRC-32 (and SHA-256) of a file's bytes, fed in order, read back from it."""
+
+    def __init__(self, fd: int, hasher: hashlib._Hash | None) -> None:
+        self.fd, self.hasher, self.crc = fd, hasher, 0
+        self._view = memoryview(bytearray(BLOCK))
+
+    def add(self, offset: int, length: int) -> None:
+        done = 0
+        while done < length:
+            got = os.preadv(self.fd, [self._view[: min(BLOCK, length - done)]], offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, "the unpacked file is shorter than what was written")
+            block = self._view[:got]
+            self.crc = zlib.crc32(block, self.crc)
+            if self.hasher is not None:
+                self.hasher.update(block)
+            done += got
+
+
+def copy_range(source: int, out: int, offset: int, to: int, length: int, label: str) -> int:
+    """Copy ``length`` bytes of ``source`` from ``offset`` to ``out`` at ``to``; the bytes
+    copied (fewer only when ``source`` ends early).
+
+    ``copy_file_range`` first. Where it copies nothing or fails (other filesystems,
+    older kernels, a read or write error: it cannot say which), the rest goes through
+    a buffer, so that an error reading ``source`` is an ArchiveError naming ``label``
+    and one writing ``out`` (a full disk) stays an OSError. Writes are completed.
+    """
     done = 0
     try:
         while done < length:
-            got = os.copy_file_range(source, out, min(length - done, COPY_CHUNK), offset + done)
+            got = os.copy_file_range(source, out, length - done, offset + done, to + done)
             if got == 0:
-                return done
+                break  # the end of ``source``, or a filesystem that copies nothing: see below
             done += got
-        return done
     except OSError as exc:
-        if exc.errno not in _NO_COPY_RANGE:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-    buffer = bytearray(BLOCK)
-    view = memoryview(buffer)
+    view = memoryview(bytearray(min(BLOCK, max(length - done, 1))))
     while done < length:
-        got = os.preadv(source, [view[: min(BLOCK, length - done)]], offset + done)
+        with _reading(label):
+            got = os.preadv(source, [view[: min(len(view), length - done)]], offset + done)
         if got == 0:
             break
-        os.write(out, view[:got])  # a regular file: a short write raises instead
+        written = 0
+        while written < got:
+            written += os.pwrite(out, view[written:got], to + done + written)
         done += got
     return done
 

@@ -6,7 +6,9 @@ import errno
 import hashlib
 import io
 import os
+import resource
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -494,6 +496,122 @@ def test_stored_members_are_copied_where_copy_file_range_is_refused(
     assert (tmp_path / "current" / "payload.bin").read_bytes() == payload
     assert (tmp_path / "current" / "update.sh").read_bytes() == b"echo hi\n"
     assert len(calls) == 2
+
+
+def _refuse_kernel_copies(monkeypatch: pytest.MonkeyPatch, error: int = errno.EXDEV) -> None:
+    def refused(*args: object) -> int:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+
+
+def test_short_writes_of_the_buffered_copy_are_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.pwrite may write less than asked (a disk filling up, a signal): never a hole."""
+    payload = os.urandom(3 * 1024 * 1024 + 11)
+    path = _big_stored_release(tmp_path / "r.zip", payload)
+    _refuse_kernel_copies(monkeypatch)
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: real(fd, bytes(data)[:1000], at))
+    unpack(path, check_archive(path, Limits()), tmp_path / "current", None)
+    assert (tmp_path / "current" / "payload.bin").read_bytes() == payload
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_a_disk_that_fills_up_mid_member_is_an_os_error_and_leaves_nothing(
+    tmp_path: Path, kernel_copy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RLIMIT_FSIZE makes the file system refuse the rest of a member, as a full disk
+    does: a short write, then an error. It stays an OSError (the installer's "no space"),
+    and no staging folder is left."""
+    path = _big_stored_release(tmp_path / "r.zip", os.urandom(6 * 1024 * 1024))
+    members = check_archive(path, Limits())
+    if not kernel_copy:
+        _refuse_kernel_copies(monkeypatch)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (5 * 1024 * 1024 + 3, limits[1]))
+    try:
+        with pytest.raises(OSError) as refused:
+            unpack(path, members, tmp_path / "current", None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert not isinstance(refused.value, ArchiveError)
+    assert refused.value.errno == errno.EFBIG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zip"]
+
+
+@pytest.mark.parametrize("size", [100_000, 9 * 1024 * 1024])
+def test_what_is_checked_is_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A byte that changes on its way into current/ (a flaky disk, another writer) is
+    caught: the CRC-32 and the SHA-256 are read back from the unpacked file."""
+    payload = os.urandom(size)
+    path = _big_stored_release(tmp_path / "r.zip", payload)
+    real = os.copy_file_range
+
+    def flipping(src: int, dst: int, count: int, at: int, to: int) -> int:
+        copied = real(src, dst, count, at, to)
+        if copied > 1000:
+            os.pwrite(dst, b"EVIL", to + 500)
+        return copied
+
+    monkeypatch.setattr(os, "copy_file_range", flipping)
+    digest = hashlib.sha256(payload).hexdigest()
+    expected = {"update.sh": (8, UPDATE_SHA), "payload.bin": (size, digest)}
+    with pytest.raises(ArchiveError) as refused:
+        unpack(path, check_archive(path, Limits()), tmp_path / "current", expected)
+    assert str(refused.value) == "payload.bin: CRC-32 mismatch: the data is corrupt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zip"]
+
+
+@pytest.mark.parametrize("failure", ["copies nothing", "EIO"])
+def test_a_kernel_copy_that_fails_goes_on_through_a_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """copy_file_range cannot say whether the source or the target failed, and some
+    file systems copy nothing: the buffered copy then does the work, or names the side."""
+    payload = os.urandom(5 * 1024 * 1024)
+    path = _big_stored_release(tmp_path / "r.zip", payload)
+    if failure == "EIO":
+        _refuse_kernel_copies(monkeypatch, errno.EIO)
+    else:
+        monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)
+    unpack(path, check_archive(path, Limits()), tmp_path / "current", None)
+    assert (tmp_path / "current" / "payload.bin").read_bytes() == payload
+
+
+def test_a_release_that_cannot_be_read_is_refused_naming_the_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _big_stored_release(tmp_path / "r.zip", os.urandom(5 * 1024 * 1024))
+    members = check_archive(path, Limits())
+    release = path.open("rb")  # the only descriptor whose reads fail
+    _refuse_kernel_copies(monkeypatch, errno.EIO)
+    real = os.preadv
+
+    def failing(fd: int, buffers: list[memoryview], at: int) -> int:
+        if os.path.samestat(os.fstat(fd), os.fstat(release.fileno())):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, at)
+
+    monkeypatch.setattr(os, "preadv", failing)
+    with release, pytest.raises(ArchiveError) as refused:
+        unpack(path, members, tmp_path / "current", None)
+    assert str(refused.value) == "update.sh: cannot be read: Input/output error"  # read first
+    assert not (tmp_path / "current").exists()
+
+
+def test_unpack_alone_refuses_a_stored_member_whose_sizes_disagree(tmp_path: Path) -> None:
+    path = _big_stored_release(tmp_path / "r.zip", b"x" * 100)
+    _set_central(path, b"payload.bin", "size", 50)
+    with zipfile.ZipFile(path) as archive:  # as if check_archive had been skipped
+        members = [Member(info.filename, info) for info in archive.infolist()]
+    with pytest.raises(ArchiveError, match=r"^payload\.bin: stored member whose sizes disagree$"):
+        unpack(path, members, tmp_path / "current", None)
 
 
 def _sample(compression: int) -> bytes:

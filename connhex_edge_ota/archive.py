@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
 from connhex_edge_ota import killpoints
+from connhex_edge_ota.store import start_writeback
 from connhex_edge_ota.zipdirectory import DirectoryError, count_entries, data_start, end_record
 
 UPDATE_SCRIPT = "update.sh"
@@ -366,6 +367,7 @@ def _copy_stored(
             got = copy_range(source.fileno(), out, start + copied, copied, piece, member.name)
             if got:
                 check(written.add, copied, got)
+                start_writeback(out, copied, got)  # the syncfs after unpacking waits less
             copied += got
             if got < piece:
                 break

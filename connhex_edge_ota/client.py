@@ -46,7 +46,7 @@ from connhex_edge_ota.digest import (
 )
 from connhex_edge_ota.release import Release, UnsafeVersionError, check_version
 from connhex_edge_ota.state import Offer, Partial
-from connhex_edge_ota.store import boot_id, fsync_dir
+from connhex_edge_ota.store import boot_id, fsync_dir, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ CHECKPOINT_SECONDS = 2.0
 """Seconds between durable checkpoints of a partial download at most (bytes: the
 ``checkpoint_bytes`` key): a power cut costs what came since the last one. Each
 checkpoint fsyncs the file (in the background) and records it."""
+WRITEBACK_BYTES = 16 * 1024 * 1024
+"""Bytes received between two requests to start writing them to disk (not durable
+yet; that is the checkpoints' fsync, which then has less to wait for)."""
 _MIB = 1024 * 1024
 
 
@@ -506,7 +509,7 @@ def _receive(
     """
     release, part, partial, cancel = job.release, job.part, job.partial, job.cancel
     save_partial, checkpoint_bytes = job.save_partial, job.checkpoint_bytes
-    written = offset
+    written = kicked = offset
     next_checkpoint = offset + checkpoint_bytes
     checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
     mode = "r+b" if offset else "wb"
@@ -529,6 +532,9 @@ def _receive(
                     hashing.update(view[:count])  # raw writes can be short: hash what is on disk
                     written += count
                     view = view[count:]
+                    if written - kicked >= WRITEBACK_BYTES:  # the checkpoints' fsyncs wait less
+                        start_writeback(file.fileno(), kicked, written - kicked)
+                        kicked = written
                     due = written >= next_checkpoint or time.monotonic() >= checkpoint_at
                     if due and checkpoints.offer(written):
                         next_checkpoint = written + checkpoint_bytes

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from connhex_edge_ota.release import check_version
 
@@ -71,6 +73,30 @@ def sync_filesystem(path: Path) -> None:
             raise OSError(error, os.strerror(error))
     finally:
         os.close(fd)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    call.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], call)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes of ``fd`` from ``offset`` to disk,
+    without waiting (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that a later
+    fsync or syncfs has less left to wait for. Durability still comes from those;
+    where libc lacks the call, this does nothing."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def boot_id() -> str:

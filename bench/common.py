@@ -93,13 +93,26 @@ def settle() -> None:
     os.sync()
 
 
-def median_usage(run: Callable[[], Usage], runs: int = RUNS) -> Usage:
-    results = [run() for _ in range(runs)]
+def interleaved(contenders: dict[str, Callable[[], Usage]], runs: int = RUNS) -> dict[str, Usage]:
+    """The median usage of each contender, run in turns (A, B, C, A, B, C ...) so that
+    a shared machine's slow minute falls on all of them, not on whoever ran then."""
+    results: dict[str, list[Usage]] = {name: [] for name in contenders}
+    for _ in range(runs):
+        for name, run in contenders.items():
+            results[name].append(run())
+    return {name: _median(usages) for name, usages in results.items()}
+
+
+def _median(results: list[Usage]) -> Usage:
     return Usage(
         statistics.median(r.wall for r in results),
         statistics.median(r.cpu for r in results),
         statistics.median(r.rss for r in results),
     )
+
+
+def median_usage(run: Callable[[], Usage], runs: int = RUNS) -> Usage:
+    return _median([run() for _ in range(runs)])
 
 
 def write_payload(path: Path, size_mib: int) -> Path:

@@ -7,7 +7,7 @@ processes, medians of ``BENCH_RUNS`` (3): the OTA client's ``Server.check`` +
 checkpoints, size and digest verified, atomic rename) in a fresh Python, and
 ``curl -s -o`` of the same URL (no verification, no fsync), then ``curl`` followed by
 ``sync`` (the file durable, as the agent's is) and by ``sha256sum`` (verified).
-Prints wall, CPU, peak RSS and the ratios.
+Prints wall, CPU, peak RSS and the ratios; the commands run in turns, each run once per round.
 Falls back to the project's own release server when nginx cannot be installed (and says so).
 Usage: ``python bench/download.py [--size-mib 1024]``.
 """
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MIB, RUNS, Usage, endpoint, ensure, make_release, measure, median_usage, ratio
+from common import MIB, RUNS, Usage, endpoint, ensure, interleaved, make_release, measure, ratio
 
 CLIENT = """
 import sys, threading
@@ -70,10 +70,14 @@ def main() -> None:
                     ["sh", "-c", script, "sh", str(root / "curl.zip"), f"{url}/iot/ota/b"]
                 )
 
-            mine = median_usage(ours)
-            base = median_usage(plain_curl) if curl else None
-            durable = median_usage(lambda: curl_then("sync")) if curl else None
-            base_sha = median_usage(lambda: curl_then("sha256sum")) if curl else None
+            contenders = {"ours": ours}
+            if curl:
+                contenders["curl"] = plain_curl
+                contenders["sync"] = lambda: curl_then("sync")
+                contenders["sha256sum"] = lambda: curl_then("sha256sum")
+            results = interleaved(contenders)
+            mine = results["ours"]
+            base, durable, base_sha = (results.get(k) for k in ("curl", "sync", "sha256sum"))
     size = release_size = args.size_mib
     print(f"download + verify {size} MiB from {served_by}, median of {RUNS}:")
     print(f"  {'':<28} {'wall s':>8} {'CPU s':>8} {'peak RSS MiB':>13} {'MiB/s':>8}")

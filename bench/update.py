@@ -19,6 +19,7 @@ Usage: ``python bench/update.py [--size-mib 256] [--rss-sizes 10,1024]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import subprocess
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common import (
@@ -38,9 +40,9 @@ from common import (
     bare_agent_env,
     endpoint,
     ensure,
+    interleaved,
     make_release,
     measure,
-    median_usage,
     ratio,
     settle,
     sha256_of,
@@ -162,11 +164,10 @@ def main() -> None:
         if made_info:
             info.write_text("artifact_name=bench-1.0.0\n")
         try:
-            results: dict[str, Usage] = {}
-            with endpoint(release, VERSION) as (url, served_by):
-                results["connhex-edge-ota run"] = median_usage(
-                    lambda: agent_update(root, url, nats.url, dest)
-                )
+            contenders: dict[str, Callable[[], Usage]] = {}
+            with contextlib.ExitStack() as servers:
+                url, served_by = servers.enter_context(endpoint(release, VERSION))
+                contenders["connhex-edge-ota run"] = lambda: agent_update(root, url, nats.url, dest)
                 if curl and unzip:
                     digest = sha256_of(release).hex()
                     pipeline = textwrap.dedent(
@@ -187,10 +188,10 @@ def main() -> None:
                             ["sh", "-c", pipeline, "sh", str(root), f"{url}/iot/ota/bench"]
                         )
 
-                    results["curl+sha256sum+unzip+cp"] = median_usage(shell)
-            if mender is not None:
-                artifact, command = mender
-                with endpoint(artifact, VERSION) as (murl, _):
+                    contenders["curl+sha256sum+unzip+cp"] = shell
+                if mender is not None:
+                    artifact, command = mender
+                    murl, _ = servers.enter_context(endpoint(artifact, VERSION))
 
                     def mender_update() -> Usage:
                         shutil.rmtree(dest, ignore_errors=True)
@@ -208,9 +209,13 @@ def main() -> None:
                             max(install.rss, commit.rss),
                         )
 
-                    results["Mender 3.4 install+commit"] = median_usage(mender_update)
-            else:
-                print("bench: Mender could not be installed; compared with the shell pipeline only")
+                    contenders["Mender 3.4 install+commit"] = mender_update
+                else:
+                    print(
+                        "bench: Mender could not be installed; compared with the shell "
+                        "pipeline only"
+                    )
+                results = interleaved(contenders)
             rss = {}
             for size in (int(s) for s in args.rss_sizes.split(",")):
                 folder = root / f"rss-{size}"

@@ -6,7 +6,7 @@ HOOKS := $(wildcard hooks/*/pyproject.toml)
 # Editable installs leave the sources uncompiled, and with PYTHONDONTWRITEBYTECODE set
 # every process would compile them again (about 40 ms of each start); an installed
 # wheel has its bytecode from pip. Up-to-date files are skipped, so this costs nothing.
-COMPILE = $(BIN)/python -m compileall -q -j 0 connhex_edge_ota hooks tests/plugins >/dev/null
+COMPILE = $(BIN)/python -m compileall -q -j 0 connhex_edge_ota hooks tests/plugins
 
 .PHONY: demo test lint types unit bench reliability-report install install-test clean
 

@@ -20,6 +20,7 @@ import stat
 import struct
 import zipfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ BLOCK = 1024 * 1024
 """Bytes read at a time when unpacking (a reused buffer for stored members)."""
 PIECE = 16 * 1024 * 1024
 """Bytes of a stored member copied at a time; each piece is checked while the next is copied."""
+WRITEBACK_FROM = 1024 * 1024
+"""A piece at least this large is written back at once; smaller ones wait for the syncfs
+(one request per small file would start one small write each)."""
 PARALLEL_FROM = 4 * 1024 * 1024
 """A stored member above this size is checked on another thread while it is copied."""
 _METHODS = {
@@ -359,7 +363,7 @@ def _copy_stored(
     length = info.compress_size
     if start + length > bounds[info.header_offset]:
         raise ArchiveError(f"{member.name}: overlaps another member")
-    written = _Written(out, hasher)
+    written = _Written(out, hasher, length)
     with _pipeline(length > PARALLEL_FROM) as check:
         copied = 0
         while copied < length:
@@ -367,7 +371,8 @@ def _copy_stored(
             got = copy_range(source.fileno(), out, start + copied, copied, piece, member.name)
             if got:
                 check(written.add, copied, got)
-                start_writeback(out, copied, got)  # the syncfs after unpacking waits less
+                if got >= WRITEBACK_FROM:  # the syncfs after unpacking waits less
+                    start_writeback(out, copied, got)
             copied += got
             if got < piece:
                 break
@@ -386,9 +391,15 @@ def _pipeline(parallel: bool) -> Iterator[Callable[[Callable[[int, int], None], 
         yield lambda step, offset, length: step(offset, length)
         return
     checker = ThreadPoolExecutor(1, thread_name_prefix="unpack-check")
-    pending: list[Future[None]] = []
+    pending: deque[Future[None]] = deque()
+
+    def check(step: Callable[[int, int], None], offset: int, length: int) -> None:
+        while pending and pending[0].done():  # a failed check stops the copy here
+            pending.popleft().result()
+        pending.append(checker.submit(step, offset, length))
+
     try:
-        yield lambda step, offset, length: pending.append(checker.submit(step, offset, length))
+        yield check
         for future in pending:
             future.result()
     finally:
@@ -398,14 +409,14 @@ def _pipeline(parallel: bool) -> Iterator[Callable[[Callable[[int, int], None], 
 class _Written:
     """The CRC-32 (and SHA-256) of a file's bytes, fed in order, read back from it."""
 
-    def __init__(self, fd: int, hasher: hashlib._Hash | None) -> None:
+    def __init__(self, fd: int, hasher: hashlib._Hash | None, size: int) -> None:
         self.fd, self.hasher, self.crc = fd, hasher, 0
-        self._view = memoryview(bytearray(BLOCK))
+        self._view = memoryview(bytearray(max(1, min(BLOCK, size))))
 
     def add(self, offset: int, length: int) -> None:
         done = 0
         while done < length:
-            got = os.preadv(self.fd, [self._view[: min(BLOCK, length - done)]], offset + done)
+            got = os.preadv(self.fd, [self._view[: length - done]], offset + done)
             if got == 0:
                 raise OSError(errno.EIO, "the unpacked file is shorter than what was written")
             block = self._view[:got]

@@ -13,6 +13,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -603,6 +604,36 @@ def test_a_release_that_cannot_be_read_is_refused_naming_the_member(
         unpack(path, members, tmp_path / "current", None)
     assert str(refused.value) == "update.sh: cannot be read: Input/output error"  # read first
     assert not (tmp_path / "current").exists()
+
+
+def test_a_failed_check_stops_the_copy_of_a_big_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unpacked file cannot be read back (a failing disk): the copy stops at the
+    next piece instead of writing the rest of a member that is refused anyway."""
+    path = _big_stored_release(tmp_path / "r.zip", bytes(48 * 1024 * 1024))  # 3 pieces
+    members = check_archive(path, Limits())
+    real = os.copy_file_range
+    copies = []
+
+    def slow_copy(*args: int) -> int:
+        copies.append(args)
+        time.sleep(0.05)  # the check of the piece before has failed by now
+        return real(*args)
+
+    real_read = os.preadv
+
+    def failing(fd: int, buffers: list[memoryview], at: int) -> int:
+        if os.fstat(fd).st_size > 1024 * 1024:  # payload.bin, not update.sh
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(fd, buffers, at)
+
+    monkeypatch.setattr(os, "copy_file_range", slow_copy)
+    monkeypatch.setattr(os, "preadv", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        unpack(path, members, tmp_path / "current", None)
+    assert len(copies) == 3  # update.sh, then two pieces of payload.bin: not the third
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zip"]
 
 
 def test_unpack_alone_refuses_a_stored_member_whose_sizes_disagree(tmp_path: Path) -> None:

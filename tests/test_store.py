@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from connhex_edge_ota.state import Journal, Offer, State, load_state
-from connhex_edge_ota.store import Busy, Store, write_atomic
+from connhex_edge_ota.store import Busy, Store, start_writeback, write_atomic
 
 
 def test_save_then_load_round_trips(tmp_path: Path) -> None:
@@ -103,3 +104,19 @@ def test_concurrent_saves_never_corrupt_the_file(tmp_path: Path) -> None:
     state, warning = load_state(store)
     assert warning == "" and state.current_version in {"0", "1", "2", "3"}
     assert not list(store.root.glob(".*.tmp"))
+
+
+def test_early_writeback_is_a_hint_that_never_fails(tmp_path: Path) -> None:
+    """sync_file_range only starts writing: on a file it leaves the data as it was, and
+    where it cannot work (a pipe, a closed descriptor) it is ignored, never raised."""
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * 3_000_000)
+    with path.open("r+b") as file:
+        start_writeback(file.fileno(), 0, 3_000_000)
+        start_writeback(file.fileno(), 2**62, 1)
+    assert path.read_bytes() == b"x" * 3_000_000
+    read, write = os.pipe()
+    start_writeback(write, 0, 10)
+    os.close(read)
+    os.close(write)
+    start_writeback(write, 0, 10)  # closed

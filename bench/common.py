@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from connhex_edge_ota.digest import format_content_digest
 from connhex_edge_ota.natsserver import free_port
+from connhex_edge_ota.nginxserver import nginx_endpoint as serve_with_nginx
 
 MIB = 1024 * 1024
 TIME = "/usr/bin/time"
@@ -171,52 +171,11 @@ def nginx_endpoint(release: Path, version: str) -> Iterator[str | None]:
     if nginx is None:
         yield None
         return
-    digest = format_content_digest(sha256_of(release))
-    port = free_port()
-    # As root nginx's workers would drop to nobody, who cannot read a private temp folder.
-    user = "user root;" if os.geteuid() == 0 else ""
-    with tempfile.TemporaryDirectory(prefix="ota-bench-nginx-") as tmp:
-        conf = Path(tmp) / "nginx.conf"
-        conf.write_text(
-            textwrap.dedent(
-                f"""\
-                daemon off;
-                {user}
-                worker_processes 1;
-                pid {tmp}/nginx.pid;
-                error_log {tmp}/error.log;
-                events {{ worker_connections 64; }}
-                http {{
-                    access_log off;
-                    client_body_temp_path {tmp};
-                    proxy_temp_path {tmp};
-                    fastcgi_temp_path {tmp};
-                    uwsgi_temp_path {tmp};
-                    scgi_temp_path {tmp};
-                    sendfile on;
-                    server {{
-                        listen 127.0.0.1:{port};
-                        location ~ ^/iot/ota/[^/]+$ {{
-                            default_type application/zip;
-                            alias {release};
-                            add_header Version "{version}" always;
-                            add_header Content-Digest "{digest}" always;
-                        }}
-                    }}
-                }}
-                """
-            )
-        )
-        process = subprocess.Popen(
-            [nginx, "-c", str(conf), "-p", tmp], stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_listening(port)
-            yield url
-        finally:
-            process.terminate()
-            process.wait()
+    with (
+        tempfile.TemporaryDirectory(prefix="ota-bench-nginx-") as tmp,
+        serve_with_nginx(nginx, release, version, Path(tmp), access_log=False) as url,
+    ):
+        yield url
 
 
 @contextmanager

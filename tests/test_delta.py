@@ -3,14 +3,14 @@ bytes fetched, and every fallback visible (log, ``Transfer``, progress totals)."
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import random
 import shutil
 import struct
-import subprocess
 import tempfile
-import textwrap
 import threading
 import time
 import zipfile
@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 from connhex_edge_ota import delta
 from connhex_edge_ota.client import ReleaseChanged, Server, ServerError, Transfer
 from connhex_edge_ota.config import load_settings
-from connhex_edge_ota.digest import format_content_digest
-from connhex_edge_ota.natsserver import free_port
+from connhex_edge_ota.nginxserver import nginx_binary, nginx_endpoint
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.server import ReleaseServer
 from connhex_edge_ota.state import Partial
@@ -623,75 +622,20 @@ def test_zip64_records_that_overlap_or_run_short_are_refused() -> None:
 def nginx(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """``serve(zip, version, max_ranges=None)``: nginx answering /iot/ota/<id> with the zip
     (its own ETag and If-Match, our Version and Content-Digest headers); skipped without nginx."""
-    binary = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None
-    )
+    binary = nginx_binary()
     if binary is None:
         pytest.skip("nginx is not installed (apt-get install nginx)")
-    processes: list[subprocess.Popen[bytes]] = []
+    numbers = itertools.count()
+    with contextlib.ExitStack() as servers:
 
-    def serve(release: Path, version: str, max_ranges: int | None = None) -> str:
-        import hashlib
-
-        digest = format_content_digest(hashlib.sha256(release.read_bytes()).digest())
-        port = free_port()
-        root = tmp_path / f"nginx-{port}"
-        root.mkdir()
-        user = "user root;" if os.geteuid() == 0 else ""
-        ranges = f"max_ranges {max_ranges};" if max_ranges is not None else ""
-        (root / "nginx.conf").write_text(
-            textwrap.dedent(
-                f"""\
-                daemon off;
-                {user}
-                worker_processes 1;
-                pid {root}/nginx.pid;
-                error_log {root}/error.log;
-                events {{ worker_connections 64; }}
-                http {{
-                    access_log {root}/access.log;
-                    client_body_temp_path {root};
-                    proxy_temp_path {root};
-                    fastcgi_temp_path {root};
-                    uwsgi_temp_path {root};
-                    scgi_temp_path {root};
-                    server {{
-                        listen 127.0.0.1:{port};
-                        {ranges}
-                        location ~ ^/iot/ota/[^/]+$ {{
-                            default_type application/zip;
-                            alias {release};
-                            add_header Version "{version}" always;
-                            add_header Content-Digest "{digest}" always;
-                        }}
-                    }}
-                }}
-                """
+        def serve(release: Path, version: str, max_ranges: int | None = None) -> str:
+            folder = tmp_path / f"nginx-{next(numbers)}"
+            folder.mkdir()
+            return servers.enter_context(
+                nginx_endpoint(binary, release, version, folder, max_ranges=max_ranges)
             )
-        )
-        process = subprocess.Popen(
-            [binary, "-c", str(root / "nginx.conf"), "-p", str(root)],
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
-        processes.append(process)
-        import socket
 
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail(f"nginx did not start: {(root / 'error.log').read_text()}")
-                time.sleep(0.02)  # polling a port, not synchronising on a result
-        return f"http://127.0.0.1:{port}"
-
-    yield serve
-    for process in processes:
-        process.terminate()
-        process.wait(10)
+        yield serve
 
 
 def test_delta_from_nginx_is_the_release_byte_for_byte(

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEVELOPMENT_TOOLS = {
     "connhex_edge_ota.server",  # local release server
     "connhex_edge_ota.natsserver",  # embedded NATS launcher
+    "connhex_edge_ota.nginxserver",  # nginx as the device endpoint (bench, delta tests)
     "connhex_edge_ota.demo",
     "connhex_edge_ota.testing",  # pytest fixtures
     "connhex_edge_ota.pack",  # release building (pack, verify)

@@ -81,6 +81,25 @@ def new_release(
     return make_release("2.0.0", files={"payload.bin": b"x" * 4096}, **scripts)
 
 
+Offer = Callable[..., Path]
+
+
+@pytest.fixture
+def offer(
+    tmp_path: Path, release_server: ReleaseServer, make_release: MakeRelease
+) -> Offer:
+    """Release 1.0.0 running (``running_release``); ``offer(update, rollback=...)``
+    publishes release 2.0.0 made by ``new_release``."""
+    running_release(tmp_path)
+
+    def publish(update: str, rollback: str | None = "echo undo\n") -> Path:
+        path = new_release(tmp_path, make_release, update, rollback)
+        release_server.releases.publish(path)
+        return path
+
+    return publish
+
+
 def nap_once(tmp_path: Path, name: str) -> str:
     """Shell lines that sleep 60s the first time only, marking ``<name>-napping`` first."""
     flag = tmp_path / f"{name}-naps"
@@ -119,21 +138,15 @@ def killed(agent: OtaAgent) -> None:
 
 def test_a_stop_during_the_recovery_rollback_keeps_the_install_and_reruns_it(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """A stop in recovery's rollback.sh: the next start reruns it to its end, update.sh never."""
-    running_release(tmp_path)
     update_pid = tmp_path / "update.pid"
-    release_server.releases.publish(
-        new_release(
-            tmp_path,
-            make_release,
-            update=f'echo $$ > "{update_pid}"\nsleep 60\n',
-            rollback=nap_once(tmp_path, "rollback") + mark(tmp_path, "rollback-done"),
-        )
+    offer(
+        update=f'echo $$ > "{update_pid}"\nsleep 60\n',
+        rollback=nap_once(tmp_path, "rollback") + mark(tmp_path, "rollback-done"),
     )
     killed(ota_agent(auto_install=True, env={killpoints.ENV: "script_running"}))
 
@@ -159,20 +172,14 @@ def test_a_stop_during_the_recovery_rollback_keeps_the_install_and_reruns_it(
 
 def test_a_stop_during_update_sh_ends_its_group_and_the_restart_rolls_back_once(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """SIGTERM while update.sh runs: its group ends, the next start rolls back once, interrupted."""
-    running_release(tmp_path)
     update_pid = tmp_path / "update.pid"
-    release_server.releases.publish(
-        new_release(
-            tmp_path,
-            make_release,
-            update=f'echo $$ > "{update_pid}"\n' + nap_once(tmp_path, "update") + "echo done\n",
-        )
+    offer(
+        update=f'echo $$ > "{update_pid}"\n' + nap_once(tmp_path, "update") + "echo done\n",
     )
     first = ota_agent(auto_install=True)
     wait_until(lambda: "update-napping" in marks(tmp_path), 30)
@@ -190,23 +197,17 @@ def test_a_stop_during_update_sh_ends_its_group_and_the_restart_rolls_back_once(
 
 def test_kill_9_during_update_sh_then_during_its_recovery_rollback(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """kill -9 in update.sh, then in recovery's rollback.sh: that rollback is killed and rerun."""
-    running_release(tmp_path)
     rollback_pids = tmp_path / "rollback.pids"
-    release_server.releases.publish(
-        new_release(
-            tmp_path,
-            make_release,
-            update="sleep 60\n",
-            rollback=f'echo $$ >> "{rollback_pids}"\n'
-            + nap_once(tmp_path, "rollback")
-            + mark(tmp_path, "rollback-done"),
-        )
+    offer(
+        update="sleep 60\n",
+        rollback=f'echo $$ >> "{rollback_pids}"\n'
+        + nap_once(tmp_path, "rollback")
+        + mark(tmp_path, "rollback-done"),
     )
     killed(ota_agent(auto_install=True, env={killpoints.ENV: "script_running"}))
     killed(ota_agent(auto_install=True, env={killpoints.ENV: "rollback_running"}))
@@ -226,15 +227,13 @@ def test_kill_9_during_update_sh_then_during_its_recovery_rollback(
 
 def test_a_stop_during_the_recovery_health_check_asks_it_again(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
     dummy_log: Path,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """SIGTERM while recovery asks the health check: the next start asks again, updated on 2.0.0."""
-    running_release(tmp_path)
-    release_server.releases.publish(new_release(tmp_path, make_release, update="echo done\n"))
+    offer(update="echo done\n")
     env = {"CONNHEX_DUMMY_LOG": str(dummy_log)}
     first = ota_agent(
         auto_install=True,
@@ -275,23 +274,17 @@ def test_a_stop_during_the_recovery_health_check_asks_it_again(
 def test_update_sh_that_kills_its_wrapper_fails_and_its_group_dies(
     sig: int,
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """update.sh kills its wrapper: update_failed naming it, rollback.sh; the rest never runs."""
-    running_release(tmp_path)
     update_pid = tmp_path / "update.pid"
-    release_server.releases.publish(
-        new_release(
-            tmp_path,
-            make_release,
-            update=(
-                f'echo $$ > "{update_pid}"\nkill -{int(sig)} $PPID\nsleep 30\n'
-                + mark(tmp_path, "update-late")
-            ),
-        )
+    offer(
+        update=(
+            f'echo $$ > "{update_pid}"\nkill -{int(sig)} $PPID\nsleep 30\n'
+            + mark(tmp_path, "update-late")
+        ),
     )
     ota_agent(auto_install=True)
     failed = statuses.wait_status(FAILED, timeout=30)
@@ -308,22 +301,16 @@ def test_update_sh_that_kills_its_wrapper_fails_and_its_group_dies(
 
 def test_a_daemon_started_by_update_sh_keeps_writing_after_the_install(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """A daemon update.sh starts (stdout not redirected) lives on after updated: no SIGPIPE."""
-    running_release(tmp_path)
     daemon_pid, ticks = tmp_path / "daemon.pid", tmp_path / "ticks"
     # Each round writes to its stdout (the wrapper's pipe) first: a broken pipe ends it.
     daemon = f'while :; do echo tick; echo t >> "{ticks}"; sleep 0.2; done'
-    release_server.releases.publish(
-        new_release(
-            tmp_path,
-            make_release,
-            update=f"sh -c '{daemon}' &\necho $! > \"{daemon_pid}\"\necho started\n",
-        )
+    offer(
+        update=f"sh -c '{daemon}' &\necho $! > \"{daemon_pid}\"\necho started\n",
     )
 
     def count() -> int:
@@ -352,17 +339,13 @@ def test_a_daemon_started_by_update_sh_keeps_writing_after_the_install(
 
 def test_a_timed_out_update_sh_may_clean_up_within_the_grace(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """On timeout update.sh gets SIGTERM: its trap prints, sleeps, marks; then rollback.sh."""
-    running_release(tmp_path)
     trap = f'echo "cleaning up"; sleep 1; {mark(tmp_path, "cleaned").strip()}; exit 1'
-    release_server.releases.publish(
-        new_release(tmp_path, make_release, update=f"trap '{trap}' TERM\nsleep 100 &\nwait\n")
-    )
+    offer(update=f"trap '{trap}' TERM\nsleep 100 &\nwait\n")
     ota_agent(auto_install=True, install_timeout="1s")
     failed = statuses.wait_status(FAILED, timeout=60)
     assert failed.error.startswith("update.sh timed out after 1s")
@@ -373,23 +356,17 @@ def test_a_timed_out_update_sh_may_clean_up_within_the_grace(
 
 def test_a_timed_out_update_sh_that_ignores_sigterm_is_killed(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """update.sh ignores SIGTERM past the grace: SIGKILL ends it, its last line never runs."""
-    running_release(tmp_path)
     update_pid = tmp_path / "update.pid"
     # It would write "survived" well after the grace (script_stop_grace) if it were left alive.
     nap = 30
-    release_server.releases.publish(
-        new_release(
-            tmp_path,
-            make_release,
-            update=f"trap '' TERM\necho $$ > \"{update_pid}\"\nsleep {nap}\n"
-            + mark(tmp_path, "survived"),
-        )
+    offer(
+        update=f"trap '' TERM\necho $$ > \"{update_pid}\"\nsleep {nap}\n"
+        + mark(tmp_path, "survived"),
     )
     ota_agent(auto_install=True, install_timeout="1s", script_stop_grace="1s")
     failed = statuses.wait_status(FAILED, timeout=40)
@@ -404,19 +381,15 @@ def test_a_timed_out_update_sh_that_ignores_sigterm_is_killed(
 
 def test_a_rollback_that_kills_the_agent_every_time_is_given_up(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """rollback.sh kills the agent and its wrapper each run: given up after MAX_RECOVERIES."""
-    running_release(tmp_path)
     reboot = (  # the agent (the wrapper's parent) and the wrapper: no exit recorded, as a reboot
         "agent=$(cut -d' ' -f4 /proc/$PPID/stat)\nkill -9 \"$agent\" $PPID\nsleep 1\n"
     )
-    release_server.releases.publish(
-        new_release(tmp_path, make_release, update="exit 3\n", rollback=reboot)
-    )
+    offer(update="exit 3\n", rollback=reboot)
     store = Store(store_root(tmp_path))
     errors: list[str] = []
     for start in range(1 + MAX_RECOVERIES):  # the install, then each recovery
@@ -550,20 +523,14 @@ def test_a_journal_naming_another_release_never_runs_the_running_ones_rollback(
 
 def test_the_error_of_a_chatty_failure_ends_with_its_real_last_line(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """update.sh prints 2 MB, then its reason and exits 4: the error ends with that reason."""
-    running_release(tmp_path)
-    release_server.releases.publish(
-        new_release(
-            tmp_path,
-            make_release,
-            update='yes | head -c 2000000\necho "FATAL: real reason"\nexit 4\n',
-            rollback=None,
-        )
+    offer(
+        update='yes | head -c 2000000\necho "FATAL: real reason"\nexit 4\n',
+        rollback=None,
     )
     ota_agent(auto_install=True)
     failed = statuses.wait_status(FAILED, timeout=60)
@@ -573,16 +540,14 @@ def test_the_error_of_a_chatty_failure_ends_with_its_real_last_line(
 
 def test_an_unexpected_error_after_update_sh_ran_is_finished_by_the_journal(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """update.sh ran, then the install raises (rollback's exit file a folder): finished,
     counted, reported."""
-    running_release(tmp_path)
     breaks_log = 'mkdir "$CHX_OTA_PAYLOAD_DIR/../rollback.sh.exit"\nexit 3\n'
-    release_server.releases.publish(new_release(tmp_path, make_release, update=breaks_log))
+    offer(update=breaks_log)
     agent = ota_agent(auto_install=True)
     failed = statuses.wait_status(FAILED, timeout=30)
     assert failed.error.startswith("install failed: IsADirectoryError")
@@ -610,19 +575,17 @@ def test_an_unexpected_error_after_update_sh_ran_is_finished_by_the_journal(
 
 def test_rollback_sh_runs_or_is_reported_when_its_log_cannot_be_written(
     ota_agent: StartAgent,
-    release_server: ReleaseServer,
-    make_release: MakeRelease,
     statuses: StatusWatcher,
+    offer: Offer,
     tmp_path: Path,
 ) -> None:
     """update.sh fills its log (a full disk) and fails: rollback.sh runs, or the error says not."""
-    running_release(tmp_path)
     limit = 256 * 1024  # RLIMIT_FSIZE of the agent and its scripts: past it, writes fail
     fills_log = (
         'LOG="$CHX_OTA_PAYLOAD_DIR/../logs/$CHX_OTA_VERSION_TARGET.log"\n'
         f'head -c {2 * limit} /dev/zero >> "$LOG" 2>/dev/null\nexit 3\n'
     )
-    release_server.releases.publish(new_release(tmp_path, make_release, update=fills_log))
+    offer(update=fills_log)
     ota_agent(auto_install=True, file_size_limit=limit)
     failed = statuses.wait_status(FAILED, timeout=30)
     assert failed.current_version == "1.0.0"

@@ -10,14 +10,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from connhex_edge_ota.natsserver import free_port
+from connhex_edge_ota.natsserver import free_port, wait_listening
 from connhex_edge_ota.nginxserver import nginx_endpoint as serve_with_nginx
 
 MIB = 1024 * 1024
@@ -197,24 +196,11 @@ def endpoint(release: Path, version: str) -> Iterator[tuple[str, str]]:
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            wait_listening(port)
+            wait_listening(port, process, "the release server")
             yield f"http://127.0.0.1:{port}", "the project's release server (no nginx)"
         finally:
             process.terminate()
             process.wait()
-
-
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"bench: nothing listens on port {port}")
 
 
 def agent_config(path: Path, **ota: object) -> Path:

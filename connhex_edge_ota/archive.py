@@ -368,7 +368,7 @@ def _copy_stored(
         copied = 0
         while copied < length:
             piece = min(PIECE, length - copied)
-            got = copy_range(source.fileno(), out, start + copied, copied, piece, member.name)
+            got = _copy_range(source.fileno(), out, start + copied, copied, piece, member.name)
             if got:
                 check(written.add, copied, got)
                 if got >= WRITEBACK_FROM:  # the syncfs after unpacking waits less
@@ -426,7 +426,7 @@ class _Written:
             done += got
 
 
-def copy_range(source: int, out: int, offset: int, to: int, length: int, label: str) -> int:
+def _copy_range(source: int, out: int, offset: int, to: int, length: int, label: str) -> int:
     """Copy ``length`` bytes of ``source`` from ``offset`` to ``out`` at ``to``; the bytes
     copied (fewer only when ``source`` ends early).
 

@@ -28,6 +28,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_listening(
+    port: int, process: subprocess.Popen[bytes], name: str, timeout: float = 10.0
+) -> None:
+    """Return once ``process`` (called ``name``) accepts connections on loopback ``port``;
+    RuntimeError when it exits first, TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not listen on port {port}") from None
+            time.sleep(0.02)  # polling a port, not synchronising on a result
+
+
 class NatsServer:
     """A real NATS server process for the demo and tests; ``url`` once started."""
 
@@ -47,17 +65,12 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"nats-server did not listen on port {self.port}")
+        try:
+            wait_listening(self.port, self.process, "nats-server", timeout)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

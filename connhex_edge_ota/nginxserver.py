@@ -7,16 +7,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import textwrap
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from connhex_edge_ota.digest import format_content_digest
-from connhex_edge_ota.natsserver import free_port
+from connhex_edge_ota.natsserver import free_port, wait_listening
 
 
 def nginx_binary() -> str | None:
@@ -89,21 +87,16 @@ def nginx_endpoint(
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_listening(port, process, folder / "error.log")
+        _started(port, process, folder / "error.log")
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(10)
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], error_log: Path) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                errors = error_log.read_text() if error_log.exists() else ""
-                raise RuntimeError(f"nginx did not start: {errors.strip()[-500:]}") from None
-            time.sleep(0.02)  # polling a port, not synchronising on a result
+def _started(port: int, process: subprocess.Popen[bytes], error_log: Path) -> None:
+    try:
+        wait_listening(port, process, "nginx")
+    except (RuntimeError, TimeoutError) as exc:
+        errors = error_log.read_text().strip()[-500:] if error_log.exists() else ""
+        raise RuntimeError(f"{exc}: {errors}") from None

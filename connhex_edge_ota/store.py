@@ -21,9 +21,8 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any
 
 from connhex_edge_ota.release import check_version
 
@@ -57,13 +56,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _libc_call(name: str, *argtypes: type[ctypes._SimpleCData[Any]]) -> Any:
+    """The C library's function ``name`` taking ``argtypes`` and returning an int (errno
+    kept), looked up once; None where libc lacks it."""
+    try:
+        call = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    call.argtypes, call.restype = argtypes, ctypes.c_int
+    return call
+
+
 def sync_filesystem(path: Path) -> None:
     """Make everything written on ``path``'s filesystem durable: ``syncfs``, not ``sync``
     (other filesystems of the device are left alone); ``os.sync`` where libc lacks it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        syncfs = libc.syncfs
-    except (OSError, AttributeError):
+    syncfs = _libc_call("syncfs", ctypes.c_int)
+    if syncfs is None:
         os.sync()
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -78,23 +87,14 @@ def sync_filesystem(path: Path) -> None:
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    call.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], call)
-
-
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing ``length`` bytes of ``fd`` from ``offset`` to disk,
     without waiting (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that a later
     fsync or syncfs has less left to wait for. Durability still comes from those;
     where libc lacks the call, this does nothing."""
-    call = _sync_file_range()
+    call = _libc_call(
+        "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+    )
     if call is not None:
         call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 

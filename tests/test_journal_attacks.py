@@ -85,9 +85,7 @@ Offer = Callable[..., Path]
 
 
 @pytest.fixture
-def offer(
-    tmp_path: Path, release_server: ReleaseServer, make_release: MakeRelease
-) -> Offer:
+def offer(tmp_path: Path, release_server: ReleaseServer, make_release: MakeRelease) -> Offer:
     """Release 1.0.0 running (``running_release``); ``offer(update, rollback=...)``
     publishes release 2.0.0 made by ``new_release``."""
     running_release(tmp_path)

@@ -306,13 +306,13 @@ def test_release_swapped_before_the_delta_is_412(
     assert not release.part_path.exists() and not release.path.exists()
 
 
-def test_cut_delta_resumes_and_fetches_only_what_is_missing(
-    tmp_path: Path, release_server: ReleaseServer, releases: Path
-) -> None:
-    """A cut inside the changed member: the next try rebuilds from where the file ends,
-    fetching the rest of that member (and the probe) only."""
+def delta_cut_in_member_3(
+    tmp_path: Path, release_server: ReleaseServer, releases: Path, changed: set[int]
+) -> tuple[Device, Release, Path, int]:
+    """A delta of stored releases (``changed`` members differ) cut halfway through member
+    3: the device, the release, the new zip and where member 3's local header starts."""
     old = build(releases / "old.zip", compression=zipfile.ZIP_STORED)
-    new = build(releases / "fw-2.0.zip", changed={3, 4}, compression=zipfile.ZIP_STORED)
+    new = build(releases / "fw-2.0.zip", changed=changed, compression=zipfile.ZIP_STORED)
     release_server.releases.publish(new)
     device = Device(tmp_path, release_server.url).installed(old)
     release = device.offer()
@@ -320,6 +320,17 @@ def test_cut_delta_resumes_and_fetches_only_what_is_missing(
     release_server.faults.cut_at = start + MEMBER // 2
     with pytest.raises(ServerError, match="will resume"):
         device.download(release)
+    return device, release, new, start
+
+
+def test_cut_delta_resumes_and_fetches_only_what_is_missing(
+    tmp_path: Path, release_server: ReleaseServer, releases: Path
+) -> None:
+    """A cut inside the changed member: the next try rebuilds from where the file ends,
+    fetching the rest of that member (and the probe) only."""
+    device, release, new, start = delta_cut_in_member_3(
+        tmp_path, release_server, releases, changed={3, 4}
+    )
     kept = release.part_path.stat().st_size
     assert start < kept <= start + MEMBER // 2
     before = sent(release_server)
@@ -359,15 +370,9 @@ def test_release_changed_between_a_cut_and_the_resume_is_412(
 ) -> None:
     """Published while the delta was cut: the resumed delta gets 412, drops its partial
     file (bytes of the release that went) and says so."""
-    old = build(releases / "old.zip", compression=zipfile.ZIP_STORED)
-    new = build(releases / "fw-2.0.zip", changed={3}, compression=zipfile.ZIP_STORED)
-    release_server.releases.publish(new)
-    device = Device(tmp_path, release_server.url).installed(old)
-    release = device.offer()
-    start = zipfile.ZipFile(new).getinfo("payload/m0003.bin").header_offset
-    release_server.faults.cut_at = start + MEMBER // 2
-    with pytest.raises(ServerError, match="will resume"):
-        device.download(release)
+    device, release, _new, start = delta_cut_in_member_3(
+        tmp_path, release_server, releases, changed={3}
+    )
     assert release.part_path.stat().st_size > start
     release_server.releases.publish(build(releases / "fw-3.0.zip", changed={5}, version=3))
     with pytest.raises(ReleaseChanged) as caught:

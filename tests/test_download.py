@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from connhex_edge_ota.client import CHUNK, ReleaseChanged, Server, ServerError
+from connhex_edge_ota.client import CHUNK, WRITEBACK_BYTES, ReleaseChanged, Server, ServerError
 from connhex_edge_ota.config import load_settings
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.server import ReleaseServer
@@ -236,6 +236,23 @@ def test_after_a_reboot_only_fsynced_bytes_are_kept(
     device.partial = device.partial.model_copy(update={"boot_id": "an-earlier-boot"})
     device.download(release)
     assert release_server.releases.requests[-1].headers["Range"] == f"bytes={4 * MIB}-"
+
+
+def test_a_download_written_back_early_resumes_whole(
+    tmp_path: Path, release_server: ReleaseServer
+) -> None:
+    """Past WRITEBACK_BYTES the kernel is asked to write as the bytes come; a cut between
+    two checkpoints keeps every byte written (same boot) and the resume verifies."""
+    path = publish(release_server, "2.0", 2 * WRITEBACK_BYTES + MIB)
+    device = Device(tmp_path, release_server, checkpoint_bytes=64 * MIB)
+    release = device.offer()
+    cut = release_server.faults.cut_at = 2 * WRITEBACK_BYTES + MIB // 2
+    with pytest.raises(ServerError, match="will resume"):
+        device.download(release)
+    kept = release.part_path.stat().st_size
+    assert 2 * WRITEBACK_BYTES <= kept <= cut
+    assert device.download(release) == release.size - kept
+    assert release.path.read_bytes() == path.read_bytes()
 
 
 def test_connect_timeout_is_a_clear_failure(tmp_path: Path) -> None:

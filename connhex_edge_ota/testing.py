@@ -138,6 +138,20 @@ class StatusWatcher:
                 names.append(status.status)
         return names
 
+    def summary(self) -> str:
+        """What the agent reported, in words: the status names in order and the last one's
+        versions and error (``make reliability-report``'s "observed" column)."""
+        with self._changed:
+            seen = list(self.statuses)
+        if not seen:
+            return "no status was published"
+        last = seen[-1]
+        said = f"statuses {' -> '.join(self.names())}; last {last.status}"
+        said += f", running {last.current_version or '(none)'}"
+        if last.latest_version and last.latest_version != last.current_version:
+            said += f", offered {last.latest_version}"
+        return said + (f", error {last.error!r}" if last.error else ", no error")
+
     def wait_raw(self, predicate: Callable[[bytes], bool], timeout: float = 20.0) -> bytes:
         """The first message body matching ``predicate`` (any subject's format)."""
         deadline = time.monotonic() + timeout

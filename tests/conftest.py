@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import pytest
 from connhex_edge_ota.release import Release
 from connhex_edge_ota.state import Journal, Offer
 from connhex_edge_ota.store import Store
+from connhex_edge_ota.testing import StatusWatcher
 
 
 @pytest.fixture
@@ -24,13 +25,22 @@ def dummy_log(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _reliability_case(
     request: pytest.FixtureRequest, record_property: Callable[[str, object], None]
-) -> None:
-    """For ``make reliability-report``: a reliability case's docstring says what it expects."""
-    if request.node.get_closest_marker("reliability") is not None:
+) -> Iterator[None]:
+    """For ``make reliability-report``: a reliability case's docstring says what it expects;
+    unless the test says what it saw (``record_property("observed", …)``), what the agent
+    published on NATS is the observation."""
+    case = request.node.get_closest_marker("reliability") is not None
+    if case:
         function = getattr(request.node, "function", None)
         doc = ((function.__doc__ if function else None) or "").strip()
         if doc:
             record_property("doc", doc.splitlines()[0])
+    yield
+    if not case or any(name == "observed" for name, _ in request.node.user_properties):
+        return
+    watcher = getattr(request.node, "funcargs", {}).get("statuses")
+    if isinstance(watcher, StatusWatcher):
+        record_property("observed", watcher.summary())
 
 
 def offered_release(store: Store, offer: Offer | None) -> Release:

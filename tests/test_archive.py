@@ -72,12 +72,17 @@ UPDATE_SHA = hashlib.sha256(b"echo hi\n").hexdigest()
 def test_hostile_members_are_refused(
     tmp_path: Path, members: list[tuple[str, bytes, int | None]], reason: str
 ) -> None:
+    """A zip with an absolute or '..' path, a link, a device or no update.sh is refused whole.
+
+    check_archive raises ArchiveError naming the reason; also for duplicate names, a name that
+    is both a file and a folder, a backslash in a path and a ``C:/`` path."""
     path = make_zip(tmp_path / "r.zip", members)
     with pytest.raises(ArchiveError, match=reason):
         check_archive(path, Limits())
 
 
 def test_not_a_zip(tmp_path: Path) -> None:
+    """A file that is not a zip is refused: ArchiveError "r.zip: not a valid zip"."""
     path = tmp_path / "r.zip"
     path.write_bytes(b"PK\x03\x04 but not really")
     with pytest.raises(ArchiveError, match=r"^r\.zip: not a valid zip"):
@@ -85,6 +90,7 @@ def test_not_a_zip(tmp_path: Path) -> None:
 
 
 def test_member_count_limit(tmp_path: Path) -> None:
+    """More members than max_members is refused, naming count and limit; at the limit it passes."""
     many = make_zip(tmp_path / "many.zip", [UPDATE] + [(f"f{i}", b"", None) for i in range(20)])
     with pytest.raises(ArchiveError, match="21 members, more than the limit of 10"):
         check_archive(many, Limits(max_members=10))
@@ -92,6 +98,7 @@ def test_member_count_limit(tmp_path: Path) -> None:
 
 
 def test_unpacked_size_limit(tmp_path: Path) -> None:
+    """A zip unpacking to more than max_unpacked_size is refused; one within the limit passes."""
     big = make_zip(tmp_path / "big.zip", [UPDATE, ("big", os.urandom(100_000), None)])
     with pytest.raises(ArchiveError, match="unpacked size"):
         check_archive(big, Limits(max_unpacked_size=50_000))
@@ -99,12 +106,14 @@ def test_unpacked_size_limit(tmp_path: Path) -> None:
 
 
 def test_ratio_limit_on_a_large_member(tmp_path: Path) -> None:
+    """A member of 20 MiB of zeros (a zip bomb) is refused: compression ratio above 200."""
     bomb = make_zip(tmp_path / "bomb.zip", [UPDATE, ("zeros", bytes(20 * 1024 * 1024), None)])
     with pytest.raises(ArchiveError, match="zeros: compression ratio above 200"):
         check_archive(bomb, Limits())
 
 
 def test_ratio_limit_on_a_small_member(tmp_path: Path) -> None:
+    """Even a small member (64 KiB of zeros, ratio 780) is refused for its compression ratio."""
     # 64 KiB of zeros deflate to 84 bytes: a ratio of 780, no longer exempt for being small.
     small = make_zip(tmp_path / "small.zip", [UPDATE, ("zeros", bytes(64 * 1024), None)])
     with pytest.raises(ArchiveError, match="zeros: compression ratio above 200"):
@@ -112,6 +121,9 @@ def test_ratio_limit_on_a_small_member(tmp_path: Path) -> None:
 
 
 def test_ratio_limit_on_the_archive_as_a_whole(tmp_path: Path) -> None:
+    """Members each within the ratio's slack, above it together: the archive is refused whole.
+
+    The same zip with only one of those members is accepted."""
     # 8 KiB of zeros deflate to about 30 bytes: each member is within the slack, the sum is not.
     members = [UPDATE] + [(f"z{i}", bytes(8192), None) for i in range(50)]
     crowd = make_zip(tmp_path / "crowd.zip", members)
@@ -125,6 +137,7 @@ def test_ratio_limit_on_the_archive_as_a_whole(tmp_path: Path) -> None:
 
 
 def test_small_members_compressing_well_are_fine(tmp_path: Path) -> None:
+    """A 100-byte member compressing 10:1 passes a max_ratio of 5: small members get slack."""
     text = b"x" * 100  # deflates to about 10 bytes: ratio 10, above a max_ratio of 5
     path = make_zip(tmp_path / "r.zip", [UPDATE, ("notes.txt", text, None)])
     check_archive(path, Limits(max_ratio=5))
@@ -169,6 +182,7 @@ def directory_bomb(path: Path, copies: int, announced: int | None = None) -> Pat
 
 
 def test_a_crafted_zip64_archive_is_read_like_any_other(tmp_path: Path) -> None:
+    """A hand-built ZIP64 zip holding update.sh is checked and unpacked like any other."""
     members = check_archive(directory_bomb(tmp_path / "one.zip", 1), Limits())
     assert [m.name for m in members] == ["update.sh"]
     unpack(tmp_path / "one.zip", members, tmp_path / "current", None)
@@ -209,6 +223,7 @@ print(peak_kib() - before)
 def test_a_million_entries_are_refused_before_zipfile_reads_them(
     tmp_path: Path, announced: int | None, error: str
 ) -> None:
+    """A million-entry directory is refused (by count or by size); peak memory grows < 10 MiB."""
     bomb = directory_bomb(tmp_path / "bomb.zip", 1_000_000, announced)
     assert bomb.stat().st_size > 50_000_000
     measured = subprocess.run(
@@ -220,6 +235,7 @@ def test_a_million_entries_are_refused_before_zipfile_reads_them(
 
 
 def test_an_end_record_that_understates_the_count_is_caught_by_the_walk(tmp_path: Path) -> None:
+    """An end record claiming 1 entry of 50 is caught: over max_members, or "holds 50 entries"."""
     liar = directory_bomb(tmp_path / "liar.zip", 50, announced=1)
     with pytest.raises(ArchiveError, match="more than the limit of 10 members"):
         check_archive(liar, Limits(max_members=10))
@@ -357,6 +373,10 @@ def _truncated(path: Path) -> None:
 def test_archive_defects_are_archive_errors_naming_the_member(
     tmp_path: Path, defect: Callable[[Path], None], error: str
 ) -> None:
+    """A damaged member (CRC, size, method, header, cut): ArchiveError naming it, nothing left.
+
+    Also encrypted members; the exact message is checked, current/ is not created and no
+    staging folder is left beside the release."""
     path = tmp_path / "r.zip"
     defect(path)
     current = tmp_path / "current"
@@ -368,6 +388,7 @@ def test_archive_defects_are_archive_errors_naming_the_member(
 
 
 def test_reading_the_manifest_of_a_broken_archive_is_an_archive_error(tmp_path: Path) -> None:
+    """A corrupt manifest.json is an ArchiveError "manifest.json: CRC-32 mismatch" when read."""
     path = tmp_path / "r.zip"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("update.sh", b"echo hi\n")
@@ -378,6 +399,7 @@ def test_reading_the_manifest_of_a_broken_archive_is_an_archive_error(tmp_path: 
 
 
 def test_unpack_replaces_current_as_a_whole(tmp_path: Path) -> None:
+    """Unpacking replaces current/ whole: the new files are in, the old ones gone, no leftovers."""
     current = tmp_path / "current"
     current.mkdir()
     (current / "old.txt").write_text("old")
@@ -391,6 +413,7 @@ def test_unpack_replaces_current_as_a_whole(tmp_path: Path) -> None:
 
 
 def test_failed_unpack_leaves_current_untouched(tmp_path: Path) -> None:
+    """A member not in the signed manifest fails the unpack; current/ keeps its old files."""
     current = tmp_path / "current"
     current.mkdir()
     (current / "old.txt").write_text("old")
@@ -413,6 +436,9 @@ def test_failed_unpack_leaves_current_untouched(tmp_path: Path) -> None:
 def test_unpack_alone_also_turns_read_errors_into_archive_errors(
     tmp_path: Path, defect: Callable[[Path], None], error: str
 ) -> None:
+    """Unpack alone (no check first) turns an unreadable member into an ArchiveError naming it.
+
+    Unsupported method, encryption, CRC-32 mismatch and corrupt deflate data."""
     path = tmp_path / "r.zip"
     defect(path)
     with zipfile.ZipFile(path) as archive:  # as if check_archive had been skipped
@@ -435,6 +461,7 @@ def _member_running_into_the_next(path: Path) -> Path:
 
 
 def test_a_stored_member_whose_data_overlaps_the_next_is_refused(tmp_path: Path) -> None:
+    """A stored member whose data runs into the next member is refused; nothing is unpacked."""
     path = _member_running_into_the_next(tmp_path / "r.zip")
     with pytest.raises(ArchiveError) as refused:
         unpack(path, check_archive(path, Limits()), tmp_path / "current", None)
@@ -450,6 +477,7 @@ def _big_stored_release(path: Path, payload: bytes) -> Path:
 
 
 def test_a_big_stored_member_is_copied_whole_and_its_crc_checked(tmp_path: Path) -> None:
+    """A 9 MiB stored member unpacks byte for byte; a flipped byte is a CRC-32 error, no folder."""
     payload = os.urandom(9 * 1024 * 1024 + 123)  # above PARALLEL_FROM: checked on a thread
     path = _big_stored_release(tmp_path / "r.zip", payload)
     digest = hashlib.sha256(payload).hexdigest()
@@ -470,6 +498,7 @@ def test_a_big_stored_member_is_copied_whole_and_its_crc_checked(tmp_path: Path)
 def test_a_stored_member_that_differs_from_the_signed_manifest_is_refused(
     tmp_path: Path, size: int
 ) -> None:
+    """A stored member whose SHA-256 is not the signed manifest's is refused; nothing unpacked."""
     payload = os.urandom(size)
     path = _big_stored_release(tmp_path / "r.zip", payload)
     wrong = hashlib.sha256(payload + b"x").hexdigest()
@@ -588,6 +617,7 @@ def test_a_kernel_copy_that_fails_goes_on_through_a_buffer(
 def test_a_release_that_cannot_be_read_is_refused_naming_the_member(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A release whose reads fail (EIO) is an ArchiveError naming the member; nothing unpacked."""
     path = _big_stored_release(tmp_path / "r.zip", os.urandom(5 * 1024 * 1024))
     members = check_archive(path, Limits())
     release = path.open("rb")  # the only descriptor whose reads fail
@@ -637,6 +667,7 @@ def test_a_failed_check_stops_the_copy_of_a_big_member(
 
 
 def test_unpack_alone_refuses_a_stored_member_whose_sizes_disagree(tmp_path: Path) -> None:
+    """Unpack alone refuses a stored member whose sizes disagree, naming the member."""
     path = _big_stored_release(tmp_path / "r.zip", b"x" * 100)
     _set_central(path, b"payload.bin", "size", 50)
     with zipfile.ZipFile(path) as archive:  # as if check_archive had been skipped
@@ -672,6 +703,7 @@ _SAMPLE_SIZE = min(len(sample) for sample in _SAMPLES.values())
 def test_a_damaged_archive_only_ever_raises_archive_error(
     tmp_path: Path, kind: str, changes: list[tuple[int, int]], cut: int
 ) -> None:
+    """A randomly damaged zip raises only ArchiveError, and when refused leaves no current/."""
     data = bytearray(_SAMPLES[kind])
     for position, value in changes:
         data[position] = value

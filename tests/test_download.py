@@ -81,6 +81,7 @@ def gets(server: ReleaseServer) -> list[tuple[int, str, int]]:
 def test_cut_connection_resumes_with_range_and_if_match(
     tmp_path: Path, release_server: ReleaseServer
 ) -> None:
+    """A cut download keeps its bytes; the next try fetches only the rest (Range, If-Match, 206)."""
     publish(release_server, "2.0", 3 * MIB)
     device = Device(tmp_path, release_server)
     release = device.offer()
@@ -103,6 +104,7 @@ def test_cut_connection_resumes_with_range_and_if_match(
 def test_server_ignoring_range_starts_over_and_still_verifies(
     tmp_path: Path, release_server: ReleaseServer
 ) -> None:
+    """A server ignoring Range after a cut: the next try fetches the whole release (200), done."""
     publish(release_server, "2.0", MIB)
     device = Device(tmp_path, release_server)
     release = device.offer()
@@ -117,6 +119,7 @@ def test_server_ignoring_range_starts_over_and_still_verifies(
 def test_release_swapped_between_check_and_download_is_412(
     tmp_path: Path, release_server: ReleaseServer
 ) -> None:
+    """A release swapped after the check: the download gets 412 (ReleaseChanged), no file kept."""
     publish(release_server, "2.0", MIB)
     device = Device(tmp_path, release_server)
     release = device.offer()
@@ -130,6 +133,7 @@ def test_release_swapped_between_check_and_download_is_412(
 
 
 def test_digest_mismatch_deletes_the_file(tmp_path: Path, release_server: ReleaseServer) -> None:
+    """Bytes that miss the announced digest: "digest mismatch", file and partial deleted."""
     path = publish(release_server, "2.0", MIB, seed=1)
     device = Device(tmp_path, release_server)
     release = device.offer()
@@ -146,6 +150,7 @@ def test_digest_mismatch_deletes_the_file(tmp_path: Path, release_server: Releas
 
 
 def test_stalled_transfer_fails_and_resumes(tmp_path: Path, release_server: ReleaseServer) -> None:
+    """A transfer stalled past stall_timeout fails "stalled"; the next try fetches only the rest."""
     publish(release_server, "2.0", 2 * MIB)
     device = Device(tmp_path, release_server, stall_timeout="500ms")
     release = device.offer()
@@ -159,6 +164,7 @@ def test_stalled_transfer_fails_and_resumes(tmp_path: Path, release_server: Rele
 def test_retry_after_and_permanent_errors_are_reported(
     tmp_path: Path, release_server: ReleaseServer
 ) -> None:
+    """A 503 with Retry-After: 7 is retryable after 7 s; a 404 is reported as permanent."""
     publish(release_server, "2.0", 1000)
     device = Device(tmp_path, release_server)
     release_server.faults.fail_next = 1
@@ -175,6 +181,7 @@ def test_retry_after_and_permanent_errors_are_reported(
 def test_not_enough_space_is_refused_before_downloading(
     tmp_path: Path, release_server: ReleaseServer
 ) -> None:
+    """Less free space than the release plus margin: refused "no space" before any GET."""
     publish(release_server, "2.0", 1000)
     device = Device(tmp_path, release_server, free_space_margin=2**62)
     release = device.offer()
@@ -186,6 +193,7 @@ def test_not_enough_space_is_refused_before_downloading(
 def test_progress_is_reported_and_memory_is_chunked(
     tmp_path: Path, release_server: ReleaseServer
 ) -> None:
+    """Progress rises to the release size in steps of at most one chunk, never the whole body."""
     publish(release_server, "2.0", 2 * MIB)
     device = Device(tmp_path, release_server)
     release = device.offer()
@@ -199,6 +207,7 @@ def test_progress_is_reported_and_memory_is_chunked(
 
 
 def test_hostile_version_header_is_refused(tmp_path: Path, release_server: ReleaseServer) -> None:
+    """A server announcing version "../../etc/x" is refused at the check: "refused release"."""
     path = publish(release_server, "2.0", 1000)
     path.with_name(path.name + ".version").write_text("../../etc/x")
     device = Device(tmp_path, release_server)
@@ -209,6 +218,7 @@ def test_hostile_version_header_is_refused(tmp_path: Path, release_server: Relea
 def test_416_drops_the_partial_and_the_next_try_starts_over(
     tmp_path: Path, release_server: ReleaseServer
 ) -> None:
+    """A 416 on resume deletes the partial file; started over, the release comes whole."""
     publish(release_server, "2.0", MIB)
     device = Device(tmp_path, release_server)
     release = device.offer()
@@ -226,6 +236,7 @@ def test_416_drops_the_partial_and_the_next_try_starts_over(
 def test_after_a_reboot_only_fsynced_bytes_are_kept(
     tmp_path: Path, release_server: ReleaseServer
 ) -> None:
+    """After a reboot the resume starts at the last fsynced checkpoint (4 MiB), not at the cut."""
     publish(release_server, "2.0", 6 * MIB)
     device = Device(tmp_path, release_server)
     release = device.offer()
@@ -256,6 +267,7 @@ def test_a_download_written_back_early_resumes_whole(
 
 
 def test_connect_timeout_is_a_clear_failure(tmp_path: Path) -> None:
+    """A server that never answers the connect: "cannot connect to …: no answer within 0.3s"."""
     # A listener whose accept queue is full drops new SYNs: connecting hangs.
     import socket
 

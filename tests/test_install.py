@@ -36,6 +36,11 @@ def test_failed_update_rolls_back_keeps_version_and_is_not_retried(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """update.sh exits 3: update_failed, rollback.sh run, still 1.0.0; rerun only when asked.
+
+    The error names the exit code and stderr and ends "rolled back"; the release's log holds
+    both scripts' output. A check then reports "failed 1 time(s)" without running update.sh;
+    an install request runs it once more."""
     rolled = tmp_path / "rolled-back"
     release_server.releases.publish(
         make_release(
@@ -75,6 +80,7 @@ def test_timeout_kills_the_whole_process_group(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """update.sh past install_timeout: "timed out after 1s", still 1.0.0, its child killed too."""
     child = tmp_path / "child.pid"
     release_server.releases.publish(
         make_release("2.1.0", update_sh=f'sleep 300 &\necho $! > "{child}"\nsleep 300\n')
@@ -92,6 +98,7 @@ def test_exit_10_updates_then_the_agent_restarts_itself(
     make_release: Callable[..., Path],
     statuses: StatusWatcher,
 ) -> None:
+    """update.sh exits 10: updated to 3.0.0, then the agent re-executes itself and reports 3.0.0."""
     release_server.releases.publish(make_release("3.0.0", update_sh="echo restart me\nexit 10\n"))
     agent = ota_agent(auto_install=True)
     updated = statuses.wait_updated("3.0.0")
@@ -112,6 +119,7 @@ def test_failing_health_gate_rolls_back_and_names_the_plugin(
     tmp_path: Path,
     dummy_log: Path,
 ) -> None:
+    """A plugin's failed health check after install: rolled back, 1.0.0, the error names it."""
     rolled = tmp_path / "rolled-back"
     release_server.releases.publish(make_release("4.0.0", rollback_sh=f'touch "{rolled}"\n'))
     ota_agent(
@@ -139,6 +147,9 @@ def test_hostile_release_never_runs_and_never_writes_outside_the_store(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """A member path with '..': release refused, update.sh never runs, nothing written outside.
+
+    update_failed names the member; no current/ is made."""
     ran = tmp_path / "ran"
     zip_path = hostile_zip(
         tmp_path / "fw-5.0.0.zip",
@@ -162,6 +173,7 @@ def test_release_without_update_sh_fails_before_anything_runs(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """No update.sh at the release's root: update_failed "release refused: no update.sh …"."""
     release_server.releases.publish(hostile_zip(tmp_path / "fw-5.1.zip", {"install.sh": b"x"}))
     ota_agent(auto_install=True)
     failed = statuses.wait_status("update_failed")
@@ -175,6 +187,9 @@ def test_kill_9_during_update_sh_is_rolled_back_at_the_next_start(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """kill -9 during update.sh: the next start rolls back ("interrupted"), 1.0.0, orphan killed.
+
+    The install was recorded in state.json before the script ran."""
     started, pid_file, rolled = tmp_path / "started", tmp_path / "pid", tmp_path / "rolled"
     release_server.releases.publish(
         make_release(
@@ -204,6 +219,7 @@ def test_kill_9_after_update_sh_recorded_success_is_finished(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """kill -9 after update.sh recorded exit 0: the next start finishes the update to 6.1.0."""
     started, finished = tmp_path / "started", tmp_path / "finished"
     release_server.releases.publish(
         make_release("6.1.0", update_sh=f'touch "{started}"\nsleep 1\ntouch "{finished}"\n')
@@ -227,6 +243,7 @@ def test_signed_releases_only_when_a_public_key_is_set(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """With a public key set, an unsigned release is refused "not signed"; a signed one installs."""
     keygen(tmp_path / "k")
     release_server.releases.publish(make_release("7.0.0"))
     agent = ota_agent(auto_install=True, public_key=str(tmp_path / "k.pub"))
@@ -246,6 +263,7 @@ def test_scripts_get_the_documented_environment_only(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """update.sh gets the documented CHX_OTA_* variables and PATH, not the agent's env or key."""
     env_file = tmp_path / "env.txt"
     release_server.releases.publish(make_release("8.0.0", update_sh=f'env > "{env_file}"\n'))
     agent = ota_agent(
@@ -268,6 +286,7 @@ def test_no_space_to_unpack_fails_without_running_and_is_retried(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """Too little disk to unpack: "no space", update.sh not run, retried, not counted a failure."""
     disk = tmp_path / "small-disk"
     disk.mkdir()
     if (
@@ -305,6 +324,7 @@ def test_a_signed_release_installs_only_under_the_version_it_was_signed_for(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """A signed release replayed as another version is refused, never run; as itself it installs."""
     keygen(tmp_path / "k")
     ran = tmp_path / "ran"
     signed = make_release(
@@ -338,6 +358,7 @@ def test_a_device_with_a_model_installs_only_releases_signed_for_it(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """On model gw-a, releases signed for another model or none are refused; gw-a's installs."""
     keygen(tmp_path / "k")
     ran = tmp_path / "ran"
     update_sh = f'echo "$CHX_OTA_VERSION_TARGET" >> "{ran}"\n'
@@ -368,6 +389,9 @@ def test_a_flood_of_script_output_leaves_the_agent_log_bounded(
     make_release: Callable[..., Path],
     statuses: StatusWatcher,
 ) -> None:
+    """30 MB of script output: the agent log keeps the first and last 20 lines, under 256 KiB.
+
+    The lines between are counted in one line; the release's script log stays about 1 MiB."""
     blocks = 1_304_348  # 30 MB of output
     flood = f'yes "firmware block written" | head -n {blocks}\necho "all done"\n'
     release_server.releases.publish(make_release("9.1.0", update_sh=flood))

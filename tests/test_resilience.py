@@ -42,6 +42,9 @@ def test_kill_9_mid_download_then_restart_resumes(
     make_release: Callable[..., Path],
     statuses: StatusWatcher,
 ) -> None:
+    """kill -9 at 90 % of a download: the restart resumes with Range to update_ready.
+
+    At most 10 % of the release plus 1 MiB is fetched twice."""
     release = payload_release(make_release, "4.0.0", 8 * MIB)
     size = release.stat().st_size
     release_server.releases.publish(release)
@@ -65,6 +68,7 @@ def test_server_errors_back_off_honouring_retry_after(
     release_server: ReleaseServer,
     statuses: StatusWatcher,
 ) -> None:
+    """A 503 with Retry-After: 2 is check_failed; the retry waits >= 1.5 s, not the 100 ms floor."""
     release_server.faults.fail_next = 1
     release_server.faults.retry_after = "2"
     ota_agent(retry_floor="100ms", check_interval="1h")
@@ -78,6 +82,7 @@ def test_server_errors_back_off_honouring_retry_after(
 def test_corrupt_state_at_startup_is_set_aside_and_the_service_goes_on(
     ota_agent: Callable[..., OtaAgent], statuses: StatusWatcher, tmp_path: Path
 ) -> None:
+    """A corrupt state.json at start is set aside and reported; the service goes on to "updated"."""
     store = tmp_path / "opt-connhex" / ".store" / "ota"
     store.mkdir(parents=True)
     (store / "state.json").write_bytes(b'{"current_version": "1.0.0", "sta')
@@ -97,6 +102,10 @@ def test_full_disk_mid_download_keeps_the_partial_and_recovers(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """Disk full mid-download: download_failed "no space left", partial kept, resumed to ready.
+
+    On a small tmpfs filled while downloading, or under a file size limit where mounting is
+    not allowed; the resume's Range starts at most at the kept size."""
     release = payload_release(make_release, "5.0.0", 4 * MIB)
     release_server.releases.publish(release)
     install_dir = tmp_path / "small-disk"
@@ -153,6 +162,7 @@ def test_init_key_never_leaks(
     statuses: StatusWatcher,
     tmp_path: Path,
 ) -> None:
+    """The init key reaches the server, never the agent log, CLI output, store files or statuses."""
     secret = "s3cr3t-init-key-4711"
     release_server.releases.init_key = secret
     release_server.releases.publish(make_release("6.0.0", update_sh="exit 3\n"))
@@ -186,6 +196,7 @@ def test_init_key_never_leaks(
 def test_wrong_init_key_waits_the_whole_interval(
     ota_agent: Callable[..., OtaAgent], release_server: ReleaseServer, statuses: StatusWatcher
 ) -> None:
+    """A 401 (wrong init key) waits the check interval (>= 1.8 s of 2 s), not the retry floor."""
     release_server.releases.init_key = "right"
     ota_agent(init_key="wrong", check_interval="2s", retry_floor="50ms", check_jitter=0)
     first = statuses.wait_status("check_failed")
@@ -222,6 +233,7 @@ def test_tls_is_verified_and_mtls_works(
     make_release: Callable[..., Path],
     statuses: StatusWatcher,
 ) -> None:
+    """An untrusted server CA: "TLS error"; with that CA and a client cert (mTLS) it updates."""
     server, ca_file, cert, key = tls_server
     server.releases.publish(make_release("7.0.0"))
     agent = ota_agent(server_url=server.url)  # the system CAs do not know ours
@@ -241,6 +253,7 @@ def test_tls_is_verified_and_mtls_works(
 def test_cli_step_while_the_service_holds_the_store(
     ota_agent: Callable[..., OtaAgent], statuses: StatusWatcher
 ) -> None:
+    """A CLI check goes to the running service; NATS unreachable: exit 1, "busy" and the pid."""
     agent = ota_agent()
     statuses.wait_status("updated")
     forwarded = subprocess.run(
@@ -268,6 +281,7 @@ def test_progress_hook_rate_is_bounded_and_cli_prints_plain_lines(
     make_release: Callable[..., Path],
     dummy_log: Path,
 ) -> None:
+    """Progress hook calls stay within 5/s (+2), end at the full size; the CLI prints "(100%)"."""
     release = payload_release(make_release, "8.0.0", 4 * MIB)
     release_server.releases.publish(release)
     release_server.faults.rate = 4 * MIB  # about one second
@@ -295,6 +309,7 @@ def test_agent_updates_while_nats_is_down_and_reports_once_it_is_up(
     release_server: ReleaseServer,
     make_release: Callable[..., Path],
 ) -> None:
+    """With NATS down the agent still updates to 9.9.0; once NATS is up it reports 9.9.0."""
     from connhex_edge_ota.natsserver import NatsServer, free_port
 
     release_server.releases.publish(make_release("9.9.0"))
@@ -319,6 +334,7 @@ def test_a_newer_release_replaces_a_partial_download_of_the_old_one(
     make_release: Callable[..., Path],
     statuses: StatusWatcher,
 ) -> None:
+    """A newer release replaces the old one's partial: fetched whole (200), only 11.0.1.zip left."""
     release_server.releases.publish(payload_release(make_release, "11.0.0", 2 * MIB))
     release_server.faults.cut_at = MIB
     agent = ota_agent(auto_download=True, retry_floor="1h")  # no automatic retry here

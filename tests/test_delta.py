@@ -292,6 +292,7 @@ def test_corrupt_installed_zip_is_caught_by_the_digest_and_falls_back(
 def test_release_swapped_before_the_delta_is_412(
     tmp_path: Path, release_server: ReleaseServer, releases: Path
 ) -> None:
+    """A release swapped before the delta: 412 (ReleaseChanged), partial dropped, no file kept."""
     old = build(releases / "old.zip")
     new = build(releases / "fw-2.0.zip", changed={3})
     newer = build(releases / "fw-3.0.zip", changed={4}, version=3)
@@ -384,6 +385,7 @@ def test_release_changed_between_a_cut_and_the_resume_is_412(
 def test_without_an_installed_zip_the_release_comes_whole(
     tmp_path: Path, release_server: ReleaseServer, releases: Path
 ) -> None:
+    """No installed.zip: the release comes whole in one plain GET (200), no delta tried."""
     release_server.releases.publish(build(releases / "fw-2.0.zip", changed={3}))
     device = Device(tmp_path, release_server.url)
     release = device.offer()
@@ -395,6 +397,7 @@ def test_without_an_installed_zip_the_release_comes_whole(
 def test_delta_off_downloads_whole(
     tmp_path: Path, release_server: ReleaseServer, releases: Path
 ) -> None:
+    """delta = off: the release comes whole in one plain GET, no Range asked."""
     old = build(releases / "old.zip")
     release_server.releases.publish(build(releases / "fw-2.0.zip", changed={3}))
     device = Device(tmp_path, release_server.url, delta="off").installed(old)
@@ -427,6 +430,7 @@ def test_everything_changed_costs_one_probe_over_a_full_download(
 def test_small_release_is_not_worth_a_delta(
     tmp_path: Path, release_server: ReleaseServer, releases: Path
 ) -> None:
+    """A release of too few members is not worth a delta: fetched whole, not even a probe."""
     old = build(releases / "old.zip", count=2, size=1000)
     release_server.releases.publish(build(releases / "fw-2.0.zip", count=2, size=1000))
     device = Device(tmp_path, release_server.url).installed(old)
@@ -648,6 +652,9 @@ def test_delta_from_nginx_is_the_release_byte_for_byte(
     releases: Path,
     nginx: Callable[..., str],
 ) -> None:
+    """A delta from real nginx is the release byte for byte, fetching about the changed member.
+
+    Every GET nginx logged was answered 206, never the whole file."""
     old = build(releases / "old.zip")
     new = build(releases / "fw-2.0.zip", changed={3})
     url = nginx(new, "2.0")

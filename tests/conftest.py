@@ -33,8 +33,8 @@ def _reliability_case(
     if case:
         function = getattr(request.node, "function", None)
         doc = ((function.__doc__ if function else None) or "").strip()
-        if doc:
-            record_property("doc", doc.splitlines()[0])
+        if doc:  # the first paragraph, which may wrap over several lines
+            record_property("doc", " ".join(doc.split("\n\n")[0].split()))
     yield
     if not case or any(name == "observed" for name, _ in request.node.user_properties):
         return

@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     print("| case | expected | observed | pass |")
     print("|---|---|---|---|")
     for name, expected, observed, verdict in table:
-        print(f"| {cell(name, 70)} | {cell(expected)} | {cell(observed, 200)} | {verdict} |")
+        print(f"| {cell(name, 70)} | {cell(expected, 160)} | {cell(observed, 200)} | {verdict} |")
     failed = sum(1 for row in table if row[3] == "NO")
     skipped = sum(1 for row in table if row[3] == "skipped")
     passed = len(table) - failed - skipped

@@ -64,6 +64,7 @@ bench: install-test
 	BENCH_RUNS=$(BENCH_RUNS) $(BIN)/python bench/update.py
 	$(BIN)/python bench/resume.py
 	$(BIN)/python bench/delta.py
+	$(BIN)/python bench/footprint.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -213,6 +215,37 @@ def agent_config(path: Path, **ota: object) -> Path:
         lines.append(f"{key} = {shown}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def installing_config(
+    root: Path, url: str, nats_url: str, install_dir: Path, initial_version: str
+) -> Path:
+    """An ``agent.toml`` for an agent that installs whatever ``url`` offers, at once."""
+    return agent_config(
+        root / "agent.toml",
+        server_url=url,
+        init_id="bench-device",
+        install_dir=install_dir,
+        nats_url=nats_url,
+        initial_version=initial_version,
+        auto_install=True,
+        startup_delay="0s",
+        free_space_margin=0,
+    )
+
+
+def wait_recorded(agent: subprocess.Popen[bytes], install_dir: Path, version: str) -> None:
+    """Return once ``state.json`` under ``install_dir`` records ``version`` as running."""
+    state = install_dir / ".store" / "ota" / "state.json"
+    while True:
+        if agent.poll() is not None:
+            raise SystemExit(f"bench: the agent exited before {version} was installed")
+        try:
+            if json.loads(state.read_text()).get("current_version") == version:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
 
 
 def agent_command(config: Path, level: str = "WARNING") -> list[str]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -41,7 +40,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import MIB, agent_command, agent_config, bare_agent_env, ensure, settle
+from common import (
+    MIB,
+    agent_command,
+    bare_agent_env,
+    ensure,
+    installing_config,
+    settle,
+    wait_recorded,
+)
 
 from connhex_edge_ota.natsserver import NatsServer, free_port, wait_listening
 
@@ -241,30 +248,14 @@ def release_server(folder: Path, ignore_range: bool) -> Iterator[str]:
 
 def update(root: Path, install_dir: Path, url: str, nats_url: str, version: str) -> float:
     """The real agent from its start until ``state.json`` records ``version``; wall seconds."""
-    config = agent_config(
-        root / "agent.toml",
-        server_url=url,
-        init_id="bench-footprint",
-        install_dir=install_dir,
-        nats_url=nats_url,
-        initial_version="0.0.0",
-        auto_install=True,
-        startup_delay="0s",
-        free_space_margin=0,
-    )
-    state = install_dir / ".store" / "ota" / "state.json"
+    config = installing_config(root, url, nats_url, install_dir, "0.0.0")
     settle()
     started = time.perf_counter()
     with (root / "agent.log").open("ab") as log:
         agent = subprocess.Popen(agent_command(config), stderr=log, env=bare_agent_env())
     try:
-        while True:
-            if agent.poll() is not None:
-                raise SystemExit(f"bench: the agent exited before {version} (see {root})")
-            with contextlib.suppress(OSError, ValueError):
-                if json.loads(state.read_text()).get("current_version") == version:
-                    return time.perf_counter() - started
-            time.sleep(0.005)
+        wait_recorded(agent, install_dir, version)
+        return time.perf_counter() - started
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)

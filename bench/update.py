@@ -36,16 +36,17 @@ from common import (
     TIME,
     Usage,
     agent_command,
-    agent_config,
     bare_agent_env,
     endpoint,
     ensure,
+    installing_config,
     interleaved,
     make_release,
     measure,
     ratio,
     settle,
     sha256_of,
+    wait_recorded,
     write_payload,
 )
 
@@ -60,18 +61,7 @@ def agent_update(root: Path, url: str, nats_url: str, dest: Path) -> Usage:
     shutil.rmtree(install_dir, ignore_errors=True)
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    config = agent_config(
-        root / "agent.toml",
-        server_url=url,
-        init_id="bench-device",
-        install_dir=install_dir,
-        nats_url=nats_url,
-        initial_version="1.0.0",
-        auto_install=True,
-        startup_delay="0s",
-        free_space_margin=0,
-    )
-    state = install_dir / ".store" / "ota" / "state.json"
+    config = installing_config(root, url, nats_url, install_dir, "1.0.0")
     report = root / "time.txt"
     settle()
     started = time.perf_counter()
@@ -82,15 +72,7 @@ def agent_update(root: Path, url: str, nats_url: str, dest: Path) -> Usage:
             env=bare_agent_env(),
         )
     try:
-        while True:
-            if timer.poll() is not None:
-                raise SystemExit("bench: the agent exited before updating")
-            try:
-                if json.loads(state.read_text()).get("current_version") == VERSION:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.005)
+        wait_recorded(timer, install_dir, VERSION)
         wall = time.perf_counter() - started
     finally:
         children = Path(f"/proc/{timer.pid}/task/{timer.pid}/children").read_text().split()
